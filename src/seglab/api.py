@@ -1,0 +1,214 @@
+"""The Python API. The command line calls exactly these functions.
+
+import seglab
+run = seglab.train(data="path/to/data", model="unet", epochs=20)
+model = seglab.load(run.best)
+r = model.predict("street.png"); r.mask; r.overlay(); r.save("out/")
+metrics = model.evaluate("path/to/data", split="val")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seglab.config import TrainConfig, build_config, load_train_config
+from seglab.engine.checkpoint import ModelCard, load_model
+from seglab.engine.evaluator import EvalResult, evaluate
+from seglab.engine.inference import Inferencer, resize_to, resolve_device
+from seglab.engine.predictor import Result, list_sources
+from seglab.errors import SeglabError
+
+TTA_SCALES = (0.75, 1.0, 1.25)
+
+
+@dataclass
+class TrainRun:
+    run_dir: Path
+    best_miou: float
+    rows: list[dict[str, Any]]
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "weights" / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "weights" / "last.pt"
+
+
+def train(config: str | None = None, *, progress: bool = True, log=print, **overrides: Any) -> TrainRun:
+    """Train a model; keyword arguments are the fields of :class:`seglab.config.TrainConfig`."""
+    from seglab.engine.trainer import Trainer
+
+    cfg = resume_config(overrides) if overrides.get("resume") else load_train_config(config, **overrides)
+    out = Trainer(cfg, progress=progress, log=log).fit()
+    return TrainRun(out["run_dir"], out["best_miou"], out["rows"])
+
+
+RESUME_OVERRIDES = ("epochs", "device", "workers")
+
+
+def resume_config(overrides: dict[str, Any]) -> TrainConfig:
+    """A resumed run keeps its own settings; only where it runs and for how long may change."""
+    from seglab.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(overrides["resume"])
+    if "optimizer" not in ckpt:
+        raise SeglabError(f"{overrides['resume']} holds no training state; resume from weights/last.pt")
+    changed = sorted(k for k, v in overrides.items() if v is not None and k not in (*RESUME_OVERRIDES, "resume"))
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise SeglabError(
+            f"--resume continues a run with its own settings; {flags} cannot change "
+            f"(only --epochs, --device and --workers can)"
+        )
+    saved = {**ckpt["config"], "resume": str(overrides["resume"])}
+    saved.update({k: overrides[k] for k in RESUME_OVERRIDES if overrides.get(k) is not None})
+    return build_config(TrainConfig, saved, str(overrides["resume"]))
+
+
+def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> SegModel:
+    """Load a seglab checkpoint (``best.pt`` / ``last.pt``) for prediction and evaluation."""
+    model, card, ckpt = load_model(weights)
+    return SegModel(model, card, device=device, amp=amp, metrics=ckpt.get("metrics"), config=ckpt.get("config"))
+
+
+class SegModel:
+    """A trained model with everything it needs to predict: classes, colours, preprocessing."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        amp: bool = False,
+        metrics: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.card, self.amp, self.metrics = card, amp, metrics
+        self.config = config or {}  # the training config, when the checkpoint came from seglab train
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    def inferencer(self, *, tta: bool = False, slide: bool = False, overlap: float = 1 / 3) -> Inferencer:
+        window = tuple(self.card.crop_size) if self.card.crop_size else (self.card.img_size, self.card.img_size)
+        return Inferencer(
+            self.model,
+            self.card.mean,
+            self.card.std,
+            self.device,
+            amp=self.amp,
+            mode="slide" if slide else "whole",
+            window=window,
+            overlap=overlap,  # type: ignore[arg-type]
+            flip=tta,
+            scales=TTA_SCALES if tta else (1.0,),
+        )
+
+    def predict(
+        self,
+        source: str | Path | np.ndarray | Sequence[str | Path],
+        *,
+        tta: bool = False,
+        slide: bool = False,
+        img_size: int | None = None,
+    ) -> Result | list[Result]:
+        """Predict one image (a path or an (H, W, C) uint8 array) or many (a folder or a list).
+
+        The image is resized so its long side is the training ``img_size`` (or ``img_size``),
+        and the mask comes back at the image's own size.
+        """
+        from seglab.data import EvalTransform
+        from seglab.data.io import read_image
+
+        inferencer = self.inferencer(tta=tta, slide=slide)
+        resize = EvalTransform(self.card.img_size if img_size is None else img_size)
+
+        def one(image: np.ndarray, path: Path | None) -> Result:
+            x = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)  # [C,H,W] uint8
+            h, w = x.shape[-2:]
+            x = resize.resize_image(x)[None]  # as in evaluation
+            probs = resize_to(inferencer.probabilities(x), (h, w))[0]  # [K,H,W]
+            confidence, mask = probs.max(0)
+            return Result(
+                image, mask.byte().cpu().numpy(), self.card.classes, self.card.colors, confidence.cpu().numpy(), path
+            )
+
+        if isinstance(source, np.ndarray):
+            image = source if source.ndim == 3 else source[..., None]
+            return one(image, None)
+        single = isinstance(source, str | Path) and not Path(source).is_dir()
+        results = [one(read_image(p, self.card.in_channels), p) for p in list_sources(source)]
+        return results[0] if single else results
+
+    def evaluate(
+        self,
+        data: str | Path,
+        *,
+        split: str = "val",
+        tta: bool = False,
+        slide: bool = False,
+        batch: int = 4,
+        workers: int = 2,
+        limit: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> EvalResult:
+        """Score the model on a split: one confusion matrix over every labelled pixel."""
+        from seglab.data import EvalTransform, SegmentationDataset, build_loader, get_split, resolve_dataset
+
+        spec = resolve_dataset(data)
+        if spec.num_classes != self.card.num_classes:
+            raise SeglabError(
+                f"{data} has {spec.num_classes} classes but the model was trained on {self.card.num_classes} "
+                f"({', '.join(self.card.classes)}); evaluate on data with the same classes"
+            )
+        samples = get_split(spec, split, val_fraction=val_fraction, seed=seed)[:limit]
+        dataset = SegmentationDataset(
+            samples, spec, EvalTransform(self.card.img_size), in_channels=self.card.in_channels
+        )
+        loader = build_loader(
+            dataset,
+            batch=batch,
+            shuffle=False,
+            workers=workers,
+            ignore_index=spec.ignore_index,
+            seed=seed,
+            drop_last=False,
+        )
+        return evaluate(
+            self.inferencer(tta=tta, slide=slide),
+            loader,
+            num_classes=spec.num_classes,
+            ignore_index=spec.ignore_index,
+            class_names=self.card.classes,
+            progress=progress,
+            desc=f"val {split}",
+        )
+
+
+def write_metrics(result: EvalResult, out_dir: str | Path, class_names: list[str]) -> Path:
+    """metrics.json and confusion_matrix.png into ``out_dir``."""
+    from seglab.metrics import plot_confusion
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.metrics, indent=2))
+    tmp.replace(path)
+    plot_confusion(result.confusion.numpy(), class_names, out / "confusion_matrix.png")
+    return path

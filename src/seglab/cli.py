@@ -1,0 +1,217 @@
+"""``seglab`` on the command line: a thin layer over :mod:`seglab.api`.
+
+Train flags are generated from :class:`seglab.config.TrainConfig`, so a flag and a
+config-file key are the same thing. Every user error ends as one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from seglab.config import TrainConfig, field_help
+from seglab.errors import SeglabError
+from seglab.registry import did_you_mean
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but every mistake is one line with a suggestion and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SeglabError(f"{self.prog}: {message}")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+            parser = getattr(ns, "_parser", self)
+            options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            hint = did_you_mean(flag.split("=")[0], options) if flag.startswith("-") else ""
+            raise SeglabError(f"{parser.prog}: unrecognised argument {flag}{hint}; see {parser.prog} --help")
+        return ns
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    helps = field_help(TrainConfig)
+    p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below as keys")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        base = args[0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            p.add_argument(flag, nargs="+", type=item, default=None, help=text, metavar=item.__name__.upper())
+        else:
+            p.add_argument(flag, type=base, default=None, help=text, metavar=base.__name__.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="seglab", description="Train, evaluate and predict semantic segmentation models.", allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        p.set_defaults(_parser=p)
+        return p
+
+    _add_train_flags(command("train", "train a model"))
+
+    p = command("val", "evaluate weights on a dataset split")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--data", help="dataset (default: the one the weights were trained on)")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    _add_inference_flags(p)
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="runs/val", help="folder for metrics.json (default: runs/val/<name>)")
+    p.add_argument("--name", default="exp")
+
+    p = command("predict", "predict masks for images")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--source", required=True, help="an image, a folder of images")
+    _add_inference_flags(p)
+    p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
+    p.add_argument("--conf", action="store_true", help="also save per-pixel confidence maps")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict/<name>)")
+    p.add_argument("--name", default="exp")
+
+    p = command("data", "inspect datasets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    check = data_sub.add_parser("check", help="find every problem in a dataset", allow_abbrev=False)
+    check.set_defaults(_parser=check)
+    check.add_argument("path", help="dataset folder or data.yaml")
+
+    p = command("demo", "train, evaluate and predict on a generated dataset (no download)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: a 2-minute budget)")
+
+    command("models", "list architectures and encoders")
+    return parser
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: flip and scales 0.75/1/1.25")
+    p.add_argument("--slide", action="store_true", help="sliding-window inference with the training crop")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except SeglabError as e:
+        print(f"seglab: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seglab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(message: str) -> str:
+    """A SeglabError raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    if "Original Traceback" in message:
+        last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+        return last.split("SeglabError: ", 1)[-1]
+    return message
+
+
+def _train(args: argparse.Namespace) -> int:
+    from seglab.api import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if not overrides["data"] and not args.config and not overrides["resume"]:
+        raise SeglabError("train: --data is required (a dataset folder or data.yaml), or --config / --resume")
+    train(args.config, **overrides)
+    return 0
+
+
+def _val(args: argparse.Namespace) -> int:
+    from seglab.api import load, write_metrics
+    from seglab.engine.trainer import next_run_dir
+    from seglab.metrics import format_table
+
+    model = load(args.weights, device=args.device, amp=args.amp)
+    data = args.data or model.config.get("data")
+    if not data:
+        raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
+    result = model.evaluate(
+        data, split=args.split, tta=args.tta, slide=args.slide, batch=args.batch, workers=args.workers, limit=args.limit
+    )
+    print(format_table(result.metrics))
+    out = next_run_dir(args.out, args.name, exist_ok=False)
+    path = write_metrics(result, out, model.classes)
+    print(
+        f"val: mIoU {100 * result.metrics['miou']:.2f}, pixel accuracy "
+        f"{100 * result.metrics['pixel_accuracy']:.2f}; wrote {path} and {out / 'confusion_matrix.png'}"
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from seglab.api import load
+    from seglab.engine.predictor import list_sources
+    from seglab.engine.trainer import next_run_dir
+
+    if not 0 <= args.alpha <= 1:
+        raise SeglabError("predict: --alpha is an opacity between 0 and 1")
+    sources = list_sources(args.source)  # fail on a bad source before anything is written
+    model = load(args.weights, device=args.device, amp=args.amp)
+    out = next_run_dir(args.out, args.name, exist_ok=False)
+    from tqdm import tqdm
+
+    for path in tqdm(sources, desc="predict", disable=True if len(sources) < 2 else None):
+        result = model.predict(path, tta=args.tta, slide=args.slide, img_size=args.img_size)
+        result.save(out, confidence=args.conf, alpha=args.alpha)  # type: ignore[union-attr]
+    print(f"predict: {len(sources)} image(s); masks in {out / 'masks'}, overlays in {out / 'overlays'}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command != "check":
+        raise SeglabError("data: choose an action: seglab data check PATH")
+    from seglab.data.check import check_dataset
+
+    report = check_dataset(args.path)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from seglab.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from seglab.models import list_encoders, list_models
+
+    print(list_models())
+    print()
+    print(list_encoders())
+    return 0
+
+
+COMMANDS = {"train": _train, "val": _val, "predict": _predict, "data": _data, "demo": _demo, "models": _models}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Datasets: layouts, reading files, checking, PyTorch datasets and transforms.
+
+spec = resolve_dataset("path/to/data")        # or a data.yaml
+train = get_split(spec, "train")              # list[Sample]
+mask = read_mask(train[0], spec)              # (H, W) uint8 class indices
+print(check_dataset("path/to/data").format())
+"""
+
+from seglab.data.check import CheckReport, Problem, check_dataset, class_pixel_counts
+from seglab.data.dataset import SegmentationDataset, build_loader, collate_pad
+from seglab.data.formats import FORMATS, DatasetFormat, color_palette, get_split, resolve_dataset, split_names
+from seglab.data.io import read_image, read_mask
+from seglab.data.spec import DataConfig, DatasetSpec, Sample
+from seglab.data.synthetic import make_shapes_dataset
+from seglab.data.transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "FORMATS",
+    "CheckReport",
+    "DataConfig",
+    "DatasetFormat",
+    "DatasetSpec",
+    "EvalTransform",
+    "Problem",
+    "Sample",
+    "SegmentationDataset",
+    "TrainTransform",
+    "build_loader",
+    "check_dataset",
+    "class_pixel_counts",
+    "collate_pad",
+    "color_palette",
+    "get_split",
+    "make_shapes_dataset",
+    "read_image",
+    "read_mask",
+    "resolve_dataset",
+    "split_names",
+]

@@ -1,0 +1,248 @@
+"""``seglab data check``: read every file of a dataset once and report what is wrong with it.
+
+Every sample of every split is decoded in full (a truncated PNG is found here, not in
+epoch 7): missing partners, unreadable / empty / truncated files, image and mask sizes
+that differ, and label values that are neither a class nor ``ignore_index`` -- each
+problem names the file. Over the train split it also counts pixels per class and
+suggests class weights (median-frequency, inverse-frequency, ENet).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seglab.data.formats import get_split, resolve_dataset, split_names, thread_map
+from seglab.data.io import read_image, read_mask
+from seglab.data.spec import DatasetSpec, Sample
+from seglab.errors import SeglabError
+from seglab.losses import CLASS_WEIGHT_METHODS, class_weights_from_counts
+
+MAX_SHOWN_PROBLEMS = 50  # in report.format(); report.problems keeps them all
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the dataset. ``kind``: layout, unreadable, size, label or color."""
+
+    kind: str
+    path: Path | None
+    message: str  # names the file and says what to do
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class _SampleResult:
+    problems: list[Problem]
+    counts: np.ndarray | None  # (num_classes,) int64 pixels per class, None if unreadable
+    ignored: int = 0  # pixels labelled ignore_index
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found. ``ok`` is True when there is no problem."""
+
+    root: Path
+    layout: str
+    mask_encoding: str
+    classes: list[str]
+    ignore_index: int
+    split_counts: dict[str, int]
+    problems: list[Problem]
+    notes: list[str]
+    class_counts: np.ndarray  # (C,) int64: pixels per class over the train split
+    image_counts: np.ndarray  # (C,) int64: labelled pixels of the train images in which c appears
+    images_with_class: np.ndarray  # (C,) int64: train images in which c appears
+    ignore_pixels: int  # train pixels labelled ignore_index
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (C,) suggested weights
+    samples_checked: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        """A readable report: splits, notes, problems, class histogram with suggested weights."""
+        lines = [
+            f"dataset {self.root}: {self.layout} layout, {self.mask_encoding} masks, "
+            f"{len(self.classes)} classes, ignore_index {self.ignore_index}",
+            "splits: " + ", ".join(f"{name} {n}" for name, n in self.split_counts.items()),
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            lines += [f"  - {p.message}" for p in self.problems[:MAX_SHOWN_PROBLEMS]]
+            if len(self.problems) > MAX_SHOWN_PROBLEMS:
+                lines.append(f"  ... and {len(self.problems) - MAX_SHOWN_PROBLEMS} more")
+        lines += ["", *self._histogram()]
+        verdict = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        lines += ["", f"{verdict} ({self.samples_checked} samples checked in {self.seconds:.1f} s)"]
+        return "\n".join(lines)
+
+    def _histogram(self) -> list[str]:
+        labelled = int(self.class_counts.sum())
+        total = labelled + self.ignore_pixels
+        if total == 0:
+            return ["class histogram (train): no readable training mask"]
+        ignored = f"{self.ignore_pixels:,} px = {100 * self.ignore_pixels / total:.2f}%"
+        lines = [
+            f"class histogram (train split, {labelled:,} labelled pixels; ignore ({self.ignore_index}): {ignored}):"
+        ]
+        width = max(10, *(len(c) for c in self.classes))
+        methods = [m for m in CLASS_WEIGHT_METHODS if m in self.weights]
+        header = f"  {'id':>3}  {'class':<{width}}  {'pixels':>13}  {'%':>7}  {'images':>6}"
+        lines.append(header + "".join(f"  {m:>8}" for m in methods))
+        for c, name in enumerate(self.classes):
+            count = int(self.class_counts[c])
+            row = (
+                f"  {c:>3}  {name:<{width}}  {count:>13,}  {100 * count / max(labelled, 1):>6.2f}%"
+                f"  {int(self.images_with_class[c]):>6}"
+            )
+            lines.append(row + "".join(f"  {self.weights[m][c]:>8.3f}" for m in methods))
+        if methods:
+            lines.append(
+                "  suggested class weights: median = median-frequency balancing, inverse = 1/frequency "
+                "(mean 1), enet = 1/ln(1.02 + p); use with seglab train --class-weights METHOD"
+            )
+        return lines
+
+
+def _check_sample(sample: Sample, spec: DatasetSpec) -> _SampleResult:
+    """Decode one image and its mask; the problems found and the mask's per-class pixel counts."""
+    problems: list[Problem] = []
+    try:
+        image = read_image(sample.image)
+    except SeglabError as e:
+        problems.append(Problem("unreadable", sample.image, str(e)))
+        image = None
+    unknown: Counter = Counter()
+    try:
+        mask = read_mask(sample, spec, unknown_colors=unknown)
+    except SeglabError as e:
+        mask_path = sample.mask or sample.image
+        problems.append(Problem("unreadable", mask_path, str(e)))
+        return _SampleResult(problems, None)
+    label_file = sample.mask or sample.image  # COCO: the image the annotations belong to
+    where = f"{sample.mask}" if sample.mask else f"the annotations of {sample.image}"
+    if image is not None and image.shape[:2] != mask.shape:
+        problems.append(
+            Problem(
+                "size",
+                label_file,
+                f"size mismatch: image {sample.image} is {image.shape[1]}x{image.shape[0]} but "
+                f"{where} is {mask.shape[1]}x{mask.shape[0]} (width x height); "
+                "re-export the mask at the image's size",
+            )
+        )
+    hist = np.bincount(mask.ravel(), minlength=256).astype(np.int64)
+    c = spec.num_classes
+    bad = [v for v in np.flatnonzero(hist).tolist() if v >= c and v != spec.ignore_index]
+    if bad:
+        values = ", ".join(f"{v} ({int(hist[v]):,} px)" for v in bad[:10])
+        more = f" and {len(bad) - 10} more values" if len(bad) > 10 else ""
+        problems.append(
+            Problem(
+                "label",
+                label_file,
+                f"{where}: label values outside [0, {c}) that are not ignore_index {spec.ignore_index}: "
+                f"{values}{more}; fix the mask, or list the classes / set ignore_index in data.yaml",
+            )
+        )
+    if unknown:
+        shown = ", ".join(f"{rgb} ({n:,} px)" for rgb, n in unknown.most_common(5))
+        problems.append(
+            Problem(
+                "color",
+                label_file,
+                f"{where}: {sum(unknown.values()):,} pixels have colours that are not in colors "
+                f"(read as ignore): {shown}; add them to colors: in data.yaml or fix the mask",
+            )
+        )
+    return _SampleResult(problems, hist[:c], int(hist[spec.ignore_index]))
+
+
+def _accumulate(counts: Sequence[np.ndarray | None], num_classes: int) -> tuple[np.ndarray, ...]:
+    """(pixels per class, labelled pixels of the images holding c, images holding c)."""
+    class_counts = np.zeros(num_classes, dtype=np.int64)
+    image_counts = np.zeros(num_classes, dtype=np.int64)
+    images_with = np.zeros(num_classes, dtype=np.int64)
+    for k in counts:
+        if k is None:
+            continue
+        present = k > 0
+        class_counts += k
+        image_counts[present] += int(k.sum())
+        images_with += present
+    return class_counts, image_counts, images_with
+
+
+def class_pixel_counts(samples: Sequence[Sample], spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class pixel counts over ``samples``' masks and, per class, the labelled pixels of the images
+    in which it appears -- the two inputs of ``class_weights_from_counts(..., image_counts=)``.
+    Values outside the classes (and ignore) are not counted."""
+    c = spec.num_classes
+
+    def count(sample: Sample) -> np.ndarray:
+        mask = read_mask(sample, spec)
+        return np.bincount(mask.ravel(), minlength=256)[:c].astype(np.int64)
+
+    class_counts, image_counts, _ = _accumulate(thread_map(count, list(samples)), c)
+    return class_counts, image_counts
+
+
+def check_dataset(data: str | Path, *, val_fraction: float = 0.1) -> CheckReport:
+    """Check every sample of every split of the dataset at ``data`` (a folder or data.yaml).
+
+    Problems do not raise: they are collected in ``report.problems`` (``report.ok`` is False).
+    A dataset whose layout cannot be understood at all still raises SeglabError.
+    """
+    start = time.perf_counter()
+    spec = resolve_dataset(data, strict=False)
+    problems = [Problem("layout", None, p) for p in spec.problems]
+    samples = [s for split in spec.splits.values() for s in split]
+    results = thread_map(lambda s: _check_sample(s, spec), samples)
+    for r in results:
+        problems.extend(r.problems)
+
+    result_of = {id(s): r for s, r in zip(samples, results, strict=True)}
+    notes = list(spec.notes)
+    split_counts = {name: len(samples) for name, samples in spec.splits.items()}
+    train: list[Sample] = list(spec.splits.get("train", []))
+    try:  # the splits training will see, including a held-out val
+        split_counts = {n: len(get_split(spec, n, val_fraction=val_fraction)) for n in split_names(spec)}
+        train = get_split(spec, "train", val_fraction=val_fraction) if train else []
+        notes = list(spec.notes)
+    except SeglabError as e:  # e.g. one training image and no val split: say so, check the rest
+        notes.append(str(e))
+    train_results = [result_of[id(s)] for s in train]
+    class_counts, image_counts, images_with = _accumulate([r.counts for r in train_results], spec.num_classes)
+    ignore_pixels = sum(r.ignored for r in train_results)
+    weights: dict[str, np.ndarray] = {}
+    if class_counts.sum() > 0:
+        for method in CLASS_WEIGHT_METHODS:
+            weights[method] = class_weights_from_counts(class_counts, method, image_counts=image_counts)
+    return CheckReport(
+        root=spec.root,
+        layout=spec.format,
+        mask_encoding=spec.mask_encoding,
+        classes=list(spec.classes),
+        ignore_index=spec.ignore_index,
+        split_counts=split_counts,
+        problems=problems,
+        notes=notes,
+        class_counts=class_counts,
+        image_counts=image_counts,
+        images_with_class=images_with,
+        ignore_pixels=ignore_pixels,
+        weights=weights,
+        samples_checked=len(samples),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,55 @@
+"""Evaluation: one confusion matrix over the whole split, at the labels' own resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from seglab.engine.inference import Inferencer, resize_to
+from seglab.metrics import ConfusionMatrix, metrics_from_confusion
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    confusion: Tensor  # int64 [K, K], rows = ground truth
+    loss: float | None = None
+
+
+def evaluate(
+    inferencer: Inferencer,
+    loader: Iterable[dict[str, Any]],
+    *,
+    num_classes: int,
+    ignore_index: int,
+    class_names: list[str],
+    loss_fn: nn.Module | None = None,
+    progress: bool = True,
+    desc: str = "val",
+) -> EvalResult:
+    """Run ``inferencer`` over ``loader`` batches (see ``collate_pad``) and score every pixel.
+
+    Images may have been resized for the model; probabilities are cropped to each image's
+    own extent (batches are padded), resized to its mask and only then turned into labels,
+    so the metric is the one the labels define. ``loss_fn`` (if given) sees log-probabilities
+    at label resolution, which for cross-entropy is the usual val loss.
+    """
+    cm = ConfusionMatrix(num_classes, ignore_index, device=inferencer.device)
+    loss_sum, loss_n = 0.0, 0
+    batches = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    for batch in batches:
+        probs = inferencer.probabilities(batch["image"])  # [B,K,H,W] at model resolution
+        masks = batch["mask"].to(inferencer.device)
+        for i, ((ih, iw), (mh, mw)) in enumerate(zip(batch["image_size"], batch["mask_size"], strict=True)):
+            p = resize_to(probs[i : i + 1, :, :ih, :iw], (mh, mw))  # [1,K,mh,mw]
+            target = masks[i : i + 1, :mh, :mw]
+            cm.update(p.argmax(1), target)
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(p.clamp_min(1e-8).log(), target))
+                loss_n += 1
+    metrics = metrics_from_confusion(cm.matrix.cpu(), class_names)
+    return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None)

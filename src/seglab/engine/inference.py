@@ -1,0 +1,155 @@
+"""From uint8 images to class probabilities: the one path val, predict and the API share.
+
+``Inferencer`` normalises, runs the model whole-image or as a sliding window of blended
+tiles, averages flip and multi-scale test-time augmentation, and returns softmax
+probabilities at the size it was given. Callers resize those to the label resolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def resolve_device(name: str) -> torch.device:
+    from seglab.errors import SeglabError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SeglabError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SeglabError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CPU (2-3x faster convolutions), float16 on CUDA."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 [B,C,H,W] -> float [B,C,H,W], (x/255 - mean) / std."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - m) / s
+
+
+def _window_starts(size: int, window: int, stride: int) -> list[int]:
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    return [*starts, size - window]
+
+
+def _gaussian_weight(h: int, w: int, device: torch.device) -> Tensor:
+    """A window weight highest in the centre (nnU-Net's blending), never zero at the edges."""
+
+    def axis(n: int) -> Tensor:
+        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / (n / 4)) ** 2)
+
+    weight = axis(h)[:, None] * axis(w)[None, :]
+    return (weight / weight.max()).clamp_min(0.1)
+
+
+@dataclass
+class Inferencer:
+    model: nn.Module
+    mean: Sequence[float]
+    std: Sequence[float]
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = True
+    mode: str = "whole"  # whole or slide
+    window: tuple[int, int] = (512, 512)  # slide: tile size (h, w)
+    overlap: float = 1 / 3  # slide: fraction of a tile shared with its neighbour
+    window_batch: int = 4  # slide: tiles per forward pass
+    flip: bool = False  # TTA: also run on the mirrored image
+    scales: Sequence[float] = (1.0,)  # TTA: multi-scale factors
+
+    @torch.inference_mode()
+    def probabilities(self, images: Tensor) -> Tensor:
+        """uint8 [B,C,H,W] -> softmax probabilities float32 [B,K,H,W]."""
+        x = normalize(images.to(self.device), self.mean, self.std)
+        _, _, h, w = x.shape
+        total: Tensor | None = None
+        runs = 0
+        for scale in self.scales:
+            # An explicit size (not scale_factor) keeps the resampling grid mirror-symmetric.
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            xs = x if scale == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True) if self.flip else (False,):
+                xi = xs.flip(-1) if flipped else xs
+                p = self._forward(xi).softmax(1)
+                if flipped:
+                    p = p.flip(-1)
+                if p.shape[-2:] != (h, w):
+                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+                total = p if total is None else total + p
+                runs += 1
+        assert total is not None
+        return total / runs
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if self.mode == "slide":
+            return self._slide(x)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp):
+            return self.model(x).float()
+
+    def _slide(self, x: Tensor) -> Tensor:
+        """Blend overlapping tiles; memory holds the logits of one image plus a few tiles."""
+        b, _, h, w = x.shape
+        wh, ww = min(self.window[0], h), min(self.window[1], w)
+        sh = max(1, int(wh * (1 - self.overlap)))
+        sw = max(1, int(ww * (1 - self.overlap)))
+        weight = _gaussian_weight(wh, ww, x.device)
+        tiles = [(y, x0) for y in _window_starts(h, wh, sh) for x0 in _window_starts(w, ww, sw)]
+        out: Tensor | None = None
+        norm = torch.zeros(1, 1, h, w, device=x.device)
+        for group in _chunks(tiles, max(1, self.window_batch // b)):
+            crops = torch.cat([x[:, :, y : y + wh, x0 : x0 + ww] for y, x0 in group])
+            logits = self._run(crops)  # [len(group) * B, K, wh, ww]
+            if out is None:
+                out = torch.zeros(b, logits.shape[1], h, w, device=x.device)
+            for i, (y, x0) in enumerate(group):
+                out[:, :, y : y + wh, x0 : x0 + ww] += logits[i * b : (i + 1) * b] * weight
+                norm[:, :, y : y + wh, x0 : x0 + ww] += weight
+        assert out is not None
+        return out / norm
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def resize_to(probs: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize probabilities [B,K,h,w] to a label resolution (h', w')."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+
+
+def long_side_size(h: int, w: int, img_size: int | None) -> tuple[int, int]:
+    """The (h, w) an image of size (h, w) has once its long side is img_size."""
+    if not img_size:
+        return h, w
+    scale = img_size / max(h, w)
+    return max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5))

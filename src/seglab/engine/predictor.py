@@ -1,0 +1,89 @@
+"""Prediction results: the mask, its confidence, an overlay, and how they are saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from seglab.plots import blend, palette_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Result:
+    """One image's prediction. ``mask`` is (H, W) class indices at the image's own size."""
+
+    image: np.ndarray  # (H, W, C) uint8, as read
+    mask: np.ndarray  # (H, W) uint8
+    classes: list[str]
+    colors: list[tuple[int, int, int]]
+    confidence: np.ndarray | None = None  # (H, W) float32, probability of the chosen class
+    path: Path | None = None
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else "image"
+
+    def overlay(self, alpha: float = 0.5) -> np.ndarray:
+        """The image with class colours blended in, (H, W, 3) uint8."""
+        return blend(self.image, self.mask, self.colors, alpha)
+
+    def areas(self) -> dict[str, float]:
+        """Fraction of the image each predicted class covers."""
+        counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))[: len(self.classes)]
+        return {name: float(c) / self.mask.size for name, c in zip(self.classes, counts, strict=True) if c}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
+        )
+
+    def save(self, out_dir: str | Path, *, confidence: bool = False, alpha: float = 0.5) -> dict[str, Path]:
+        """Write masks/<stem>.png (palette PNG of class indices), overlays/<stem>.jpg and,
+        with ``confidence``, confidence/<stem>.png (probability x 255). Each file appears whole or not at all."""
+        out = Path(out_dir)
+        written = {"mask": out / "masks" / f"{self.stem}.png", "overlay": out / "overlays" / f"{self.stem}.jpg"}
+        _atomic_save(palette_image(self.mask, self.colors), written["mask"])
+        _atomic_save(Image.fromarray(self.overlay(alpha)), written["overlay"], quality=90)
+        if confidence and self.confidence is not None:
+            written["confidence"] = out / "confidence" / f"{self.stem}.png"
+            _atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
+        return written
+
+
+def _atomic_save(image: Image.Image, path: Path, **params: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, **params)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """A file, a folder (its images, sorted) or a list of files -> image paths."""
+    from seglab.errors import SeglabError
+
+    if isinstance(source, list | tuple):
+        return [p for s in source for p in list_sources(s)]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise SeglabError(f"--source {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return files
+    if not path.exists():
+        raise SeglabError(f"--source {path}: no such file or folder")
+    return [path]

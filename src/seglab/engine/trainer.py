@@ -1,0 +1,364 @@
+"""The training loop: data, model, optimiser, schedule, validation, checkpoints, logs.
+
+Read ``Trainer.fit`` top to bottom; everything else is a small helper it calls.
+A run lives in ``runs/train/<name>/``:
+
+    config.yaml       the resolved config
+    metrics.csv       one row per epoch
+    curves.png        loss and mIoU per epoch
+    events.out.tfevents.*  TensorBoard
+    weights/last.pt   everything needed to --resume
+    weights/best.pt   the weights with the best val mIoU, with their metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from seglab.config import TrainConfig, to_dict
+from seglab.data import (
+    EvalTransform,
+    SegmentationDataset,
+    TrainTransform,
+    build_loader,
+    get_split,
+    resolve_dataset,
+)
+from seglab.engine.checkpoint import ModelCard, load_checkpoint, make_payload, save_checkpoint
+from seglab.engine.evaluator import EvalResult, evaluate
+from seglab.engine.inference import Inferencer, autocast, normalize, resolve_device
+from seglab.engine.schedule import build_optimizer, build_scheduler
+from seglab.errors import SeglabError
+from seglab.losses import build_loss
+from seglab.models import build_model
+from seglab.plots import plot_curves
+
+CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_pixel_accuracy", "lr", "epoch_time_s"]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
+    """runs/train/exp, then exp2, exp3, ... unless exist_ok."""
+    base = Path(out) / name
+    if exist_ok or not base.exists():
+        return base
+    n = 2
+    while (Path(out) / f"{name}{n}").exists():
+        n += 1
+    return Path(out) / f"{name}{n}"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, log=print) -> None:
+        self.progress, self.log = progress, log
+        resume_ckpt = load_checkpoint(cfg.resume) if cfg.resume else None  # see api.resume_config
+        if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
+            cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        # ---- data
+        spec = resolve_dataset(cfg.data)
+        self.spec = spec
+        train_samples = get_split(spec, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
+        val_samples = get_split(spec, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if cfg.limit:
+            train_samples, val_samples = train_samples[: cfg.limit], val_samples[: cfg.limit]
+        if not train_samples or not val_samples:
+            raise SeglabError(f"{cfg.data}: the train and val splits need at least one image each")
+        crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
+        train_tf = TrainTransform(cfg.img_size, crop, tuple(cfg.scale_range), cfg.hflip, cfg.jitter, spec.ignore_index)
+        self.train_set = SegmentationDataset(
+            train_samples, spec, train_tf, cache=cfg.cache, in_channels=cfg.in_channels
+        )
+        self.val_set = SegmentationDataset(
+            val_samples, spec, EvalTransform(cfg.img_size), cache=cfg.cache, in_channels=cfg.in_channels
+        )
+        for note in spec.notes:
+            self.log(f"data: {note}")
+        if cfg.cache:
+            self.train_set.preload()
+            self.val_set.preload()
+        self.train_loader = build_loader(
+            self.train_set,
+            batch=cfg.batch,
+            shuffle=True,
+            workers=cfg.workers,
+            ignore_index=spec.ignore_index,
+            seed=cfg.seed,
+            drop_last=True,
+        )
+        self.val_loader = build_loader(
+            self.val_set,
+            batch=cfg.batch,
+            shuffle=False,
+            workers=cfg.workers,
+            ignore_index=spec.ignore_index,
+            seed=cfg.seed,
+            drop_last=False,
+        )
+        if len(self.train_loader) == 0:
+            raise SeglabError(f"--batch {cfg.batch} is larger than the {len(train_samples)} training images")
+
+        # ---- model, loss, optimiser, schedule
+        self.model = build_model(
+            cfg.model,
+            num_classes=spec.num_classes,
+            in_channels=cfg.in_channels,
+            encoder=cfg.encoder,
+            encoder_weights=cfg.encoder_weights,
+        ).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        weights = self._class_weights(train_samples)
+        self.loss_fn = build_loss(
+            cfg.loss, num_classes=spec.num_classes, ignore_index=spec.ignore_index, class_weights=weights
+        )
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accumulate)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            if cfg.ema
+            else None
+        )
+        self.card = ModelCard(
+            arch=cfg.model,
+            encoder=self.model.encoder_name,
+            num_classes=spec.num_classes,
+            in_channels=cfg.in_channels,
+            classes=spec.classes,
+            colors=[tuple(c) for c in spec.colors],
+            ignore_index=spec.ignore_index,
+            mean=list(self.model.mean),
+            std=list(self.model.std),
+            img_size=cfg.img_size,
+            crop_size=list(crop),
+        )
+
+        # ---- run folder and state
+        self.start_epoch, self.best_miou, self.rows = 0, -1.0, []
+        if resume_ckpt is not None:
+            self.run_dir = Path(cfg.resume).resolve().parent.parent
+            self._restore(resume_ckpt)
+        else:
+            self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
+        (self.run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._write_csv()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.run_dir))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        self.log(
+            f"train: {cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
+            f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
+            f"batch {cfg.batch} x accumulate {cfg.accumulate}, amp {'on' if cfg.amp else 'off'}"
+        )
+        self.log(f"train: run folder {self.run_dir}")
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss = self._train_one_epoch(epoch)
+            result = None
+            if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+                result = self._validate()
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(train_loss, 5),
+                "val_loss": round(result.loss, 5) if result and result.loss is not None else "",
+                "val_miou": round(result.metrics["miou"], 5) if result else "",
+                "val_pixel_accuracy": round(result.metrics["pixel_accuracy"], 5) if result else "",
+                "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+                "epoch_time_s": round(time.perf_counter() - t0, 1),
+            }
+            self.rows.append(row)
+            self._write_csv()
+            for key in ("train_loss", "val_loss", "val_miou"):
+                if row[key] != "":
+                    self.tb.add_scalar(key, row[key], epoch + 1)
+            self._save(epoch, result)
+            if result:
+                self.log(
+                    f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss "
+                    f"{result.loss:.4f}, val mIoU {100 * result.metrics['miou']:.2f}, pixel acc "
+                    f"{100 * result.metrics['pixel_accuracy']:.2f} ({row['epoch_time_s']} s)"
+                )
+            if cfg.plots:
+                plot_curves(self.rows, self.run_dir / "curves.png")
+        self.tb.close()
+        self.log(f"train: done; best val mIoU {100 * self.best_miou:.2f}; weights in {self.run_dir / 'weights'}")
+        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows}
+
+    def _train_one_epoch(self, epoch: int) -> float:
+        cfg, model = self.cfg, self.model
+        model.train()
+        self.train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffle and worker seeds per epoch
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=None if self.progress else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        total, count = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["mask"].to(self.device, non_blocking=True)  # [B,H,W] int64
+            with autocast(self.device, cfg.amp):
+                logits = model(x)  # [B,K,H,W]
+            loss = self.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise SeglabError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                    "lower --lr, set --grad-clip, or train without --amp"
+                )
+            self.scaler.scale(loss / cfg.accumulate).backward()
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(self.train_loader):
+                self._optimizer_step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        return total / max(count, 1)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _validate(self) -> EvalResult:
+        model = self.ema.module if self.ema is not None else self.model
+        model.eval()
+        inferencer = Inferencer(
+            model, self.model.mean, self.model.std, self.device, amp=self.cfg.amp, channels_last=self.cfg.channels_last
+        )
+        result = evaluate(
+            inferencer,
+            self.val_loader,
+            num_classes=self.spec.num_classes,
+            ignore_index=self.spec.ignore_index,
+            class_names=self.spec.classes,
+            loss_fn=self.loss_fn,
+            progress=self.progress,
+        )
+        if result.metrics["miou"] is None:
+            raise SeglabError(
+                f"{self.cfg.data}: the val split has no labelled pixels (all are ignore index "
+                f"{self.spec.ignore_index}); check its masks with `seglab data check`"
+            )
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    def _class_weights(self, samples) -> torch.Tensor | None:
+        method = self.cfg.class_weights
+        if not method or method == "none":
+            return None
+        from seglab.data import class_pixel_counts
+        from seglab.losses import CLASS_WEIGHT_METHODS, class_weights_from_counts
+
+        if method not in CLASS_WEIGHT_METHODS:
+            raise SeglabError(f"--class-weights {method!r}: choose one of none, {', '.join(CLASS_WEIGHT_METHODS)}")
+        counts, image_counts = class_pixel_counts(samples, self.spec)
+        weights = class_weights_from_counts(counts, method, image_counts=image_counts)
+        shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(self.spec.classes, weights, strict=True))
+        self.log(f"loss: {method} class weights from {len(samples)} train masks: {shown}")
+        return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+
+    def _save(self, epoch: int, result: EvalResult | None) -> None:
+        weights_model = self.ema.module if self.ema is not None else self.model
+        metrics = result.metrics if result else None
+        improved = result is not None and (result.metrics["miou"] or 0.0) > self.best_miou
+        if improved:
+            self.best_miou = result.metrics["miou"]
+        state = {
+            "config": to_dict(self.cfg),
+            "epoch": epoch + 1,
+            "metrics": metrics,
+            "best_miou": self.best_miou,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        full = make_payload(weights_model, self.card, **state)
+        save_checkpoint(self.run_dir / "weights" / "last.pt", full)
+        if self.cfg.save_period and (epoch + 1) % self.cfg.save_period == 0:
+            save_checkpoint(self.run_dir / "weights" / f"epoch{epoch + 1}.pt", full)  # resumable too
+        if improved:
+            lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": metrics}
+            save_checkpoint(self.run_dir / "weights" / "best.pt", make_payload(weights_model, self.card, **lean))
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["train_model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.start_epoch, self.best_miou = ckpt["epoch"], ckpt["best_miou"]
+        self.rows = [r for r in _read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
+        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+
+    def _write_csv(self) -> None:
+        path = self.run_dir / "metrics.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(path)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,66 @@
+"""Pictures a run leaves behind: training curves, overlays, palettes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Loss (train and val) and val mIoU per epoch, side by side, from metrics.csv rows."""
+    from matplotlib.figure import Figure
+
+    epochs = [int(r["epoch"]) for r in rows]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_loss, ax_miou = fig.subplots(1, 2)
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        points = [(e, _float(r[key])) for e, r in zip(epochs, rows, strict=True)]
+        points = [(e, v) for e, v in points if v is not None]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.legend()
+    points = [(e, 100 * v) for e, r in zip(epochs, rows, strict=True) if (v := _float(r["val_miou"])) is not None]
+    if points:
+        ax_miou.plot(*zip(*points, strict=True), marker="o", color="tab:green")
+    ax_miou.set(title="val mIoU (%)", xlabel="epoch")
+    for ax in (ax_loss, ax_miou):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:
+    """An index mask (H, W) as a palette ('P' mode) PNG image: indices stay indices, colours show."""
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = [c for color in colors for c in color]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    return image
+
+
+def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 colours; unknown indices are black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(colors)] = np.asarray(colors, np.uint8)
+    return lut[mask]
+
+
+def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Overlay class colours on an RGB (or greyscale) uint8 image."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    elif image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    out = image.astype(np.float32) * (1 - alpha) + colorize(mask, colors).astype(np.float32) * alpha
+    return out.round().clip(0, 255).astype(np.uint8)

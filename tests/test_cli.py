@@ -1,0 +1,363 @@
+"""The real command line, in subprocesses, on real CamVid images and on generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seglab.data.synthetic import make_shapes_dataset
+
+
+def seglab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "seglab", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, one line on stderr starting 'seglab: error:', no traceback, naming what is wrong."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("seglab: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=16, n_val=6, size=48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes) -> Path:
+    """One tiny run, shared by the tests that need weights."""
+    work = tmp_path_factory.mktemp("run")
+    proc = seglab(
+        "train",
+        "--data",
+        shapes,
+        "--model",
+        "unet",
+        "--encoder",
+        "resnet18",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--img-size",
+        "48",
+        "--workers",
+        "0",
+        "--name",
+        "tiny",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return work / "runs" / "train" / "tiny" / "weights" / "best.pt"
+
+
+def test_end_to_end_on_camvid(tmp_path, shared_data):
+    """train 1 epoch on 8 CamVid images at a small size, then val and predict, through the CLI."""
+    camvid = shared_data / "camvid"
+    proc = seglab(
+        "train",
+        "--data",
+        camvid,
+        "--model",
+        "lraspp",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--img-size",
+        "96",
+        "--limit",
+        "8",
+        "--workers",
+        "0",
+        "--amp",
+        "--name",
+        "e2e",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "train" / "e2e"
+    for name in ("weights/best.pt", "weights/last.pt", "config.yaml", "metrics.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 1 and {"epoch", "train_loss", "val_loss", "val_miou", "lr"} <= set(rows[0])
+    assert 0 <= float(rows[0]["val_miou"]) <= 1
+
+    proc = seglab("val", "--weights", run / "weights/best.pt", "--limit", "4", "--workers", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Sky" in proc.stdout and "mIoU" in proc.stdout
+    metrics = json.loads((tmp_path / "runs/val/exp/metrics.json").read_text())
+    assert {"miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "per_class"} <= set(metrics)
+    assert set(metrics["per_class"]) == {
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    }
+    assert (tmp_path / "runs/val/exp/confusion_matrix.png").is_file()
+
+    image = camvid / "val" / sorted(p.name for p in (camvid / "val").iterdir())[0]
+    proc = seglab("predict", "--weights", run / "weights/best.pt", "--source", image, "--conf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    mask = Image.open(tmp_path / "runs/predict/exp/masks" / f"{image.stem}.png")
+    assert mask.mode == "P" and mask.size == (480, 360)
+    assert np.asarray(mask).max() <= 10
+    assert (tmp_path / "runs/predict/exp/overlays" / f"{image.stem}.jpg").is_file()
+    assert (tmp_path / "runs/predict/exp/confidence" / f"{image.stem}.png").is_file()
+
+
+def test_config_file_and_flags_share_one_schema(tmp_path, shapes):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {shapes}\nmodel: fcn\nepochs: 1\nbatch: 4\nimg_size: 48\nworkers: 0\n")
+    proc = seglab("train", "--config", cfg, "--name", "fromyaml", "--lr", "0.002", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "runs/train/fromyaml/config.yaml").read_text())
+    assert resolved["model"] == "fcn" and resolved["lr"] == 0.002 and resolved["img_size"] == 48
+
+
+def test_predict_folder_and_python_api(tmp_path, trained, shapes):
+    import seglab as sl
+
+    proc = seglab("predict", "--weights", trained, "--source", shapes / "images" / "val", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "runs/predict/exp/masks").glob("*.png"))) == 6
+
+    model = sl.load(trained)
+    first = sorted((shapes / "images" / "val").glob("*.png"))[0]
+    r = model.predict(first)
+    cli_mask = np.asarray(Image.open(tmp_path / "runs/predict/exp/masks" / f"{first.stem}.png"))
+    assert np.array_equal(r.mask, cli_mask)  # the CLI and the API share one code path
+    assert r.overlay().shape == (*r.mask.shape, 3)
+    saved = r.save(tmp_path / "api")
+    assert saved["mask"].is_file() and saved["overlay"].is_file()
+    metrics = model.evaluate(shapes, split="val", workers=0, progress=False).metrics
+    assert 0 <= metrics["miou"] <= 1
+
+
+def test_resume_continues_to_identical_weights(tmp_path, shapes):
+    """Two epochs straight, and one epoch then --resume, end with the same weights and rows."""
+    import shutil
+
+    common = [
+        "--data",
+        shapes,
+        "--model",
+        "unet",
+        "--epochs",
+        "2",
+        "--batch",
+        "4",
+        "--img-size",
+        "48",
+        "--workers",
+        "0",
+        "--save-period",
+        "1",
+        "--seed",
+        "3",
+    ]
+    assert seglab("train", *common, "--name", "straight", cwd=tmp_path).returncode == 0
+    straight = tmp_path / "runs/train/straight"
+    # A run that stopped after epoch 1: its epoch-1 checkpoint and its first metrics row.
+    stopped = tmp_path / "runs/train/stopped"
+    (stopped / "weights").mkdir(parents=True)
+    shutil.copy(straight / "weights/epoch1.pt", stopped / "weights/last.pt")
+    lines = (straight / "metrics.csv").read_text().splitlines()
+    (stopped / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")
+
+    proc = seglab("train", "--resume", stopped / "weights/last.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resume" in proc.stdout
+    a = torch.load(straight / "weights/last.pt", weights_only=False)
+    b = torch.load(stopped / "weights/last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rows_a = list(csv.DictReader((straight / "metrics.csv").open()))
+    rows_b = list(csv.DictReader((stopped / "metrics.csv").open()))
+    assert [r["val_miou"] for r in rows_a] == [r["val_miou"] for r in rows_b]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_missing_data_path(tmp_path):
+    assert_user_error(seglab("train", "--data", tmp_path / "nope", cwd=tmp_path), "nope")
+
+
+def test_empty_dataset_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(seglab("train", "--data", tmp_path / "empty", cwd=tmp_path), "empty")
+
+
+def test_unknown_model_suggests(tmp_path, shapes):
+    assert_user_error(seglab("train", "--data", shapes, "--model", "unett", cwd=tmp_path), "unett", "unet")
+
+
+def test_unknown_encoder_suggests(tmp_path, shapes):
+    assert_user_error(seglab("train", "--data", shapes, "--encoder", "resnet19", cwd=tmp_path), "resnet19")
+
+
+def test_misspelt_flag_suggests(tmp_path, shapes):
+    assert_user_error(seglab("train", "--data", shapes, "--epoch", "3", cwd=tmp_path), "--epoch", "--epochs")
+
+
+def test_wrong_flag_type(tmp_path, shapes):
+    assert_user_error(seglab("train", "--data", shapes, "--epochs", "many", cwd=tmp_path), "--epochs", "many")
+
+
+def test_unknown_config_key_suggests(tmp_path, shapes):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"data: {shapes}\nlearning_rate: 0.1\n")
+    assert_user_error(seglab("train", "--config", cfg, cwd=tmp_path), "learning_rate", "bad.yaml")
+
+
+def test_config_wrong_type(tmp_path, shapes):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"data: {shapes}\nepochs: [1, 2]\n")
+    assert_user_error(seglab("train", "--config", cfg, cwd=tmp_path), "epochs")
+
+
+def test_unreadable_image_in_training(tmp_path, shapes):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shapes, broken)
+    victim = sorted((broken / "images" / "train").glob("*.png"))[0]
+    victim.write_bytes(b"not a png at all")
+    proc = seglab(
+        "train",
+        "--data",
+        broken,
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--img-size",
+        "48",
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
+    assert_user_error(proc, victim.name)
+
+
+def test_label_out_of_range_in_training(tmp_path, shapes):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shapes, broken)
+    victim = sorted((broken / "masks" / "train").glob("*.png"))[0]
+    mask = np.asarray(Image.open(victim)).copy()
+    mask[:4, :4] = 9  # the shapes dataset has fewer classes than 9
+    Image.fromarray(mask).save(victim)
+    proc = seglab(
+        "train",
+        "--data",
+        broken,
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--img-size",
+        "48",
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
+    assert_user_error(proc, victim.name, "9")
+
+
+def test_weights_not_a_checkpoint(tmp_path, shapes):
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"\x00" * 100)
+    assert_user_error(seglab("val", "--weights", fake, "--data", shapes, cwd=tmp_path), "fake.pt")
+
+
+def test_truncated_checkpoint(tmp_path, trained, shapes):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(trained.read_bytes()[:5000])
+    assert_user_error(
+        seglab("predict", "--weights", cut, "--source", shapes / "images" / "val", cwd=tmp_path), "cut.pt"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_weights_from_another_model(tmp_path, trained, shapes):
+    ckpt = torch.load(trained, weights_only=False)
+    ckpt["card"]["num_classes"] = ckpt["card"]["num_classes"] + 3
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    assert_user_error(seglab("val", "--weights", other, "--data", shapes, cwd=tmp_path), "other.pt", "do not match")
+
+
+def test_val_on_data_with_other_classes(tmp_path, trained, shared_data):
+    assert_user_error(seglab("val", "--weights", trained, "--data", shared_data / "camvid", cwd=tmp_path), "classes")
+
+
+def test_predict_missing_source(tmp_path, trained):
+    assert_user_error(
+        seglab("predict", "--weights", trained, "--source", tmp_path / "none.png", cwd=tmp_path), "none.png"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_check_exit_status(tmp_path, shapes):
+    import shutil
+
+    proc = seglab("data", "check", shapes, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(shapes, broken)
+    victim = sorted((broken / "masks" / "val").glob("*.png"))[0]
+    victim.unlink()
+    proc = seglab("data", "check", broken, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert victim.stem in proc.stdout
+
+
+def test_models_lists_every_architecture(tmp_path):
+    proc = seglab("models", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in (
+        "fcn",
+        "unet",
+        "segnet",
+        "deeplabv3",
+        "deeplabv3plus",
+        "lraspp",
+        "resnet18",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "efficientnet_lite0",
+    ):
+        assert name in proc.stdout, name
