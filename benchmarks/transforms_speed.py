@@ -164,15 +164,11 @@ def time_once(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/work/shared/data/camvid"))
     parser.add_argument("--n", type=int, default=100, help="number of train pairs")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "transforms_speed.json"
-    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transforms_speed.json")
     args = parser.parse_args()
 
     import albumentations
@@ -210,9 +206,7 @@ def main() -> None:
 
     by = {(r["mode"], r["library"]): r["images_per_s"] for r in results}
     print(f"\n{len(pairs)} CamVid train pairs, median of {args.repeats}, 1 thread")
-    print(
-        f"| {'mode':14s} | {'torchvision img/s':>17s} | {'albumentations img/s':>20s} | {'albu / tv':>9s} |"
-    )
+    print(f"| {'mode':14s} | {'torchvision img/s':>17s} | {'albumentations img/s':>20s} | {'albu / tv':>9s} |")
     print(f"|{'-' * 16}|{'-' * 19}|{'-' * 22}|{'-' * 11}|")
     for mode in modes:
         tv, al = by[(mode, "torchvision")], by[(mode, "albumentations")]

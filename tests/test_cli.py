@@ -42,6 +42,14 @@ def shapes(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=16, n_val=6, size=48, seed=1)
 
 
+@pytest.fixture
+def broken_copy(tmp_path, shapes):
+    """A copy of the shapes dataset that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(shapes, tmp_path / "broken"))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shapes) -> Path:
     """One tiny run, shared by the tests that need weights."""
@@ -159,8 +167,12 @@ def test_predict_folder_and_python_api(tmp_path, trained, shapes):
     assert r.overlay().shape == (*r.mask.shape, 3)
     saved = r.save(tmp_path / "api")
     assert saved["mask"].is_file() and saved["overlay"].is_file()
-    metrics = model.evaluate(shapes, split="val", workers=0, progress=False).metrics
-    assert 0 <= metrics["miou"] <= 1
+    plain = model.evaluate(shapes, split="val", workers=0, progress=False).metrics
+    assert 0 <= plain["miou"] <= 1
+    proc = seglab("val", "--weights", trained, "--tta", "--slide", "--workers", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tta = json.loads((tmp_path / "runs/val/exp/metrics.json").read_text())
+    assert tta["num_pixels"] == plain["num_pixels"]  # the same pixels scored, by another inference path
 
 
 def test_resume_continues_to_identical_weights(tmp_path, shapes):
@@ -247,11 +259,8 @@ def test_config_wrong_type(tmp_path, shapes):
     assert_user_error(seglab("train", "--config", cfg, cwd=tmp_path), "epochs")
 
 
-def test_unreadable_image_in_training(tmp_path, shapes):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(shapes, broken)
+def test_unreadable_image_in_training(tmp_path, broken_copy):
+    broken = broken_copy
     victim = sorted((broken / "images" / "train").glob("*.png"))[0]
     victim.write_bytes(b"not a png at all")
     proc = seglab(
@@ -271,11 +280,8 @@ def test_unreadable_image_in_training(tmp_path, shapes):
     assert_user_error(proc, victim.name)
 
 
-def test_label_out_of_range_in_training(tmp_path, shapes):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(shapes, broken)
+def test_label_out_of_range_in_training(tmp_path, broken_copy):
+    broken = broken_copy
     victim = sorted((broken / "masks" / "train").glob("*.png"))[0]
     mask = np.asarray(Image.open(victim)).copy()
     mask[:4, :4] = 9  # the shapes dataset has fewer classes than 9
@@ -331,13 +337,10 @@ def test_predict_missing_source(tmp_path, trained):
     assert not (tmp_path / "runs").exists()
 
 
-def test_data_check_exit_status(tmp_path, shapes):
-    import shutil
-
+def test_data_check_exit_status(tmp_path, shapes, broken_copy):
     proc = seglab("data", "check", shapes, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    broken = tmp_path / "broken"
-    shutil.copytree(shapes, broken)
+    broken = broken_copy
     victim = sorted((broken / "masks" / "val").glob("*.png"))[0]
     victim.unlink()
     proc = seglab("data", "check", broken, cwd=tmp_path)

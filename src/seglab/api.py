@@ -103,7 +103,8 @@ class SegModel:
         return self.card.classes
 
     def inferencer(self, *, tta: bool = False, slide: bool = False, overlap: float = 1 / 3) -> Inferencer:
-        window = tuple(self.card.crop_size) if self.card.crop_size else (self.card.img_size, self.card.img_size)
+        crop = self.card.crop_size or [self.card.img_size, self.card.img_size]
+        window = (crop[0], crop[1])
         return Inferencer(
             self.model,
             self.card.mean,
@@ -112,7 +113,7 @@ class SegModel:
             amp=self.amp,
             mode="slide" if slide else "whole",
             window=window,
-            overlap=overlap,  # type: ignore[arg-type]
+            overlap=overlap,
             flip=tta,
             scales=TTA_SCALES if tta else (1.0,),
         )

@@ -44,7 +44,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
         base = args[0]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         text = f"{helps.get(f.name, '')} (default: {default})".strip()
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -204,10 +204,21 @@ def _demo(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from seglab.models import list_encoders, list_models
 
-    print(list_models())
+    print(
+        _table(
+            ["architecture", "default encoder", "description"],
+            [[m.name, m.default_encoder, m.description] for m in list_models()],
+        )
+    )
     print()
-    print(list_encoders())
+    print(_table(["encoder", "from", "ImageNet weights"], [[e.name, e.source, e.note] for e in list_encoders()]))
     return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines)
 
 
 COMMANDS = {"train": _train, "val": _val, "predict": _predict, "data": _data, "demo": _demo, "models": _models}

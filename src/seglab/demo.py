@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from seglab.api import load, train, write_metrics
 from seglab.data.synthetic import make_shapes_dataset
 from seglab.metrics import format_table
 
-DEMO_SETTINGS = dict(
+DEMO_SETTINGS: dict[str, Any] = dict(
     model="unet",
     encoder="resnet18",
     img_size=96,
@@ -29,7 +30,7 @@ DEMO_SETTINGS = dict(
     workers=0,
     warmup_epochs=0.5,
 )
-DEMO_EPOCHS = 12
+DEMO_EPOCHS = 20
 
 
 def chance_miou(confusion: np.ndarray) -> float:

@@ -29,7 +29,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         points = [(e, v) for e, v in points if v is not None]
         if points:
             ax_loss.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
     ax_loss.legend()
     points = [(e, 100 * v) for e, r in zip(epochs, rows, strict=True) if (v := _float(r["val_miou"])) is not None]
     if points:

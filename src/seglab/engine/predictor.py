@@ -76,7 +76,7 @@ def list_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """A file, a folder (its images, sorted) or a list of files -> image paths."""
     from seglab.errors import SeglabError
 
-    if isinstance(source, list | tuple):
+    if not isinstance(source, str | Path):
         return [p for s in source for p in list_sources(s)]
     path = Path(source)
     if path.is_dir():

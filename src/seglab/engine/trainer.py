@@ -89,7 +89,9 @@ class Trainer:
         if not train_samples or not val_samples:
             raise SeglabError(f"{cfg.data}: the train and val splits need at least one image each")
         crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
-        train_tf = TrainTransform(cfg.img_size, crop, tuple(cfg.scale_range), cfg.hflip, cfg.jitter, spec.ignore_index)
+        train_tf = TrainTransform(
+            cfg.img_size, crop, (cfg.scale_range[0], cfg.scale_range[1]), cfg.hflip, cfg.jitter, spec.ignore_index
+        )
         self.train_set = SegmentationDataset(
             train_samples, spec, train_tf, cache=cfg.cache, in_channels=cfg.in_channels
         )
@@ -151,7 +153,7 @@ class Trainer:
             num_classes=spec.num_classes,
             in_channels=cfg.in_channels,
             classes=spec.classes,
-            colors=[tuple(c) for c in spec.colors],
+            colors=list(spec.colors),
             ignore_index=spec.ignore_index,
             mean=list(self.model.mean),
             std=list(self.model.std),
@@ -160,9 +162,11 @@ class Trainer:
         )
 
         # ---- run folder and state
-        self.start_epoch, self.best_miou, self.rows = 0, -1.0, []
-        if resume_ckpt is not None:
+        self.start_epoch, self.best_miou = 0, -1.0
+        self.rows: list[dict[str, Any]] = []
+        if cfg.resume:
             self.run_dir = Path(cfg.resume).resolve().parent.parent
+            assert resume_ckpt is not None
             self._restore(resume_ckpt)
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
@@ -303,7 +307,7 @@ class Trainer:
         weights_model = self.ema.module if self.ema is not None else self.model
         metrics = result.metrics if result else None
         improved = result is not None and (result.metrics["miou"] or 0.0) > self.best_miou
-        if improved:
+        if result is not None and improved:
             self.best_miou = result.metrics["miou"]
         state = {
             "config": to_dict(self.cfg),

@@ -1,0 +1,198 @@
+"""Understanding a dataset folder: which layout it is, its classes, and its splits.
+
+``resolve_dataset(path)`` turns a folder (or a ``data.yaml``) into a :class:`DatasetSpec`.
+Each layout is a :class:`DatasetFormat` in the ``FORMATS`` registry with a ``detect(root)``
+that looks only at the folder's structure and a ``load(root, cfg)`` that lists the samples.
+Detection is tried in registry order; ``format:`` in data.yaml skips it.
+
+What is not in data.yaml is worked out and written to ``spec.notes`` so the user can see
+it: built-in metadata for layouts recognised by structure (SegNet's CamVid, VOC,
+Cityscapes), how masks are encoded (index / RGB colour / binary 0-255), and otherwise the
+number of classes from the largest label in the masks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from seglab.config import build_config, read_yaml
+from seglab.data.formats.common import (
+    DEFAULT_IGNORE_INDEX,
+    FORMATS,
+    IMAGE_SUFFIXES,
+    MAX_LISTED,
+    MAX_SCANNED_MASKS,
+    SPLIT_ALIASES,
+    SPLIT_ORDER,
+    DatasetFormat,
+    Metadata,
+    _validate_config,
+    color_palette,
+    thread_map,
+)
+
+# Importing a layout module registers it in FORMATS, and _detect tries FORMATS in insertion order,
+# so these imports set the detection order (pairs, voc, cityscapes, coco, folders): a folder can
+# fit more than one layout and the first match wins. Keep them in this order.
+# isort: off
+from seglab.data.formats.pairs import CAMVID_CLASSES, CAMVID_COLORS, load_pairs
+from seglab.data.formats.voc import VOC_CLASSES, load_voc
+from seglab.data.formats.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_COLORS, load_cityscapes
+from seglab.data.formats.coco import load_coco
+from seglab.data.formats.folders import IMAGE_DIRS, MASK_DIRS, MASK_SUFFIXES, load_folders
+
+# isort: on
+from seglab.data.spec import DataConfig, DatasetSpec, Sample
+from seglab.errors import SeglabError
+from seglab.registry import did_you_mean
+
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_COLORS",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_COLORS",
+    "DEFAULT_IGNORE_INDEX",
+    "FORMATS",
+    "IMAGE_DIRS",
+    "IMAGE_SUFFIXES",
+    "MASK_DIRS",
+    "MASK_SUFFIXES",
+    "MAX_LISTED",
+    "MAX_SCANNED_MASKS",
+    "SPLIT_ALIASES",
+    "SPLIT_ORDER",
+    "VOC_CLASSES",
+    "DatasetFormat",
+    "Metadata",
+    "color_palette",
+    "get_split",
+    "load_cityscapes",
+    "load_coco",
+    "load_folders",
+    "load_pairs",
+    "load_voc",
+    "resolve_dataset",
+    "split_names",
+    "thread_map",
+]
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _read_config(data: Path) -> tuple[Path, DataConfig, Path | None]:
+    """(dataset root, DataConfig, the data.yaml read or None)."""
+    if data.is_file():
+        if data.suffix.lower() not in (".yaml", ".yml"):
+            raise SeglabError(f"{data}: expected a dataset folder or a data.yaml file")
+        yaml_path: Path | None = data
+    else:
+        yaml_path = next((data / n for n in ("data.yaml", "data.yml") if (data / n).is_file()), None)
+    if yaml_path is None:
+        return data, DataConfig(), None
+    cfg = build_config(DataConfig, read_yaml(yaml_path), str(yaml_path))
+    _validate_config(cfg, str(yaml_path))
+    root = yaml_path.parent / cfg.path if data.is_file() else data / cfg.path
+    return Path(os.path.normpath(root)), cfg, yaml_path
+
+
+def _detect(root: Path, cfg: DataConfig) -> str:
+    for name, fmt in FORMATS.items():
+        if fmt.detect(root):
+            return name
+    given = [v for v in (cfg.train, cfg.val, cfg.test) if v]
+    if given and all(v.endswith(".txt") for v in given):
+        return "pairs"
+    if given and all(v.endswith(".json") for v in given):
+        return "coco"
+    tried = "; ".join(f"{name}: {fmt.expects}" for name, fmt in FORMATS.items())
+    raise SeglabError(
+        f"{root}: unknown dataset layout. Tried {tried}. Arrange the files in one of these layouts, "
+        "or write a data.yaml with format: and train:/val: pointing at your lists"
+    )
+
+
+def resolve_dataset(data: str | Path, *, strict: bool = True) -> DatasetSpec:
+    """Understand the dataset at ``data`` (a folder, or a data.yaml) and list its samples.
+
+    A ``data.yaml`` inside the folder is read automatically; one given directly has its
+    ``path:`` relative to itself. Layout problems (list lines naming missing files, images
+    without masks) raise a SeglabError listing them; with ``strict=False`` they are kept in
+    ``spec.problems`` instead and the affected samples left out (``seglab data check`` does this).
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise SeglabError(f"dataset not found: {path}; pass a dataset folder or its data.yaml")
+    root, cfg, yaml_path = _read_config(path)
+    if not root.is_dir():
+        raise SeglabError(f"{yaml_path}: path: {cfg.path} -> {root} is not a folder; fix 'path:' in data.yaml")
+    if not any(p.name not in ("data.yaml", "data.yml") for p in root.iterdir()):
+        raise SeglabError(
+            f"dataset folder {root} is empty; put the images and masks there (e.g. images/train, masks/train)"
+        )
+    name = cfg.format if cfg.format != "auto" else _detect(root, cfg)
+    spec = FORMATS[name].load(root, cfg)
+    if yaml_path is not None:
+        spec.notes.insert(0, f"settings from {yaml_path}")
+    if not spec.splits and not spec.problems:
+        raise SeglabError(
+            f"{root}: the {name} layout was recognised but it lists no images; expected {FORMATS[name].expects}"
+        )
+    if strict and spec.problems:
+        shown = "; ".join(spec.problems[:MAX_LISTED])
+        more = f"; and {len(spec.problems) - MAX_LISTED} more" if len(spec.problems) > MAX_LISTED else ""
+        raise SeglabError(
+            f"{root}: {len(spec.problems)} problem(s) in the dataset: {shown}{more}; "
+            f"fix them (`seglab data check {data}` lists everything)"
+        )
+    return spec
+
+
+def _holdout(n: int, val_fraction: float, seed: int) -> list[int]:
+    k = max(1, round(n * val_fraction))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: int = 0) -> list[Sample]:
+    """The samples of split ``name`` ('train', 'val', 'test'; 'valid' means 'val').
+
+    When the dataset has no val split, ``val`` is a seeded random ``val_fraction`` of train
+    (the same seed always gives the same images) and ``train`` leaves those images out; the
+    hold-out is noted in ``spec.notes``.
+    """
+    split = SPLIT_ALIASES.get(name, name)
+    has_val = "val" in spec.splits
+    if split in spec.splits and (split != "train" or has_val):
+        return list(spec.splits[split])
+    if split in ("train", "val") and "train" in spec.splits:
+        train = spec.splits["train"]
+        if not 0 < val_fraction < 1:
+            raise SeglabError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        if len(train) < 2:
+            raise SeglabError(
+                f"{spec.root}: no val split and only {len(train)} training image(s) to hold out from; add a val split"
+            )
+        held = _holdout(len(train), val_fraction, seed)
+        note = (
+            f"no val split in {spec.root}: holding out {val_fraction * 100:g}% of train "
+            f"({len(held)} images, seed {seed})"
+        )
+        if note not in spec.notes:
+            spec.notes.append(note)
+        if split == "val":
+            return [train[i] for i in held]
+        held_set = set(held)
+        return [s for i, s in enumerate(train) if i not in held_set]
+    available = list(spec.splits) + ([] if has_val or "train" not in spec.splits else ["val (held out from train)"])
+    raise SeglabError(
+        f"{spec.root}: no split '{name}'{did_you_mean(name, list(spec.splits))}; available: {', '.join(available)}"
+    )
+
+
+def split_names(spec: DatasetSpec) -> list[str]:
+    """The splits :func:`get_split` can return, including a held-out 'val'."""
+    names = list(spec.splits)
+    if "val" not in names and "train" in names:
+        names.insert(names.index("train") + 1, "val")
+    return names
