@@ -152,7 +152,7 @@ def test_replace_first_conv_keeps_pretrained_filters() -> None:
 
 
 def test_unknown_names_suggest() -> None:
-    with pytest.raises(SeglabError, match=r"unknown model 'unett' \(from --model\) \(did you mean 'unet'\?\)"):
+    with pytest.raises(SeglabError, match=r"--model 'unett' is not a known model \(did you mean 'unet'\?\)"):
         build_model("unett", num_classes=2)
     with pytest.raises(SeglabError, match=r"--encoder.*did you mean 'resnet18'"):
         build_model("unet", num_classes=2, encoder="resnet19")

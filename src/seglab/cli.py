@@ -22,7 +22,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but every mistake is one line with a suggestion and exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise SeglabError(f"{self.prog}: {message}")
+        raise SeglabError(f"{self._command()}{message}")
+
+    def _command(self) -> str:
+        """'train: ' for `seglab train`, nothing for plain `seglab` (main adds 'seglab: error:')."""
+        command = self.prog.removeprefix("seglab").strip()
+        return f"{command}: " if command else ""
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         ns, unknown = self.parse_known_args(args, namespace)
@@ -31,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
             parser = getattr(ns, "_parser", self)
             options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
             hint = did_you_mean(flag.split("=")[0], options) if flag.startswith("-") else ""
-            raise SeglabError(f"{parser.prog}: unrecognised argument {flag}{hint}; see {parser.prog} --help")
+            raise SeglabError(f"{parser._command()}unrecognised argument {flag}{hint}; see {parser.prog} --help")
         return ns
 
 

@@ -23,7 +23,8 @@ class Registry(dict[str, T], Generic[T]):
     >>> LOSSES = Registry("loss")
     >>> @LOSSES.register("ce")
     ... def cross_entropy(...): ...
-    >>> LOSSES.get_or_raise("cee")  # SeglabError: unknown loss 'cee' (did you mean 'ce'?) ...
+    >>> LOSSES.get_or_raise("cee", flag="--loss")
+    SeglabError: --loss 'cee' is not a known loss (did you mean 'ce'?); choose one of: ce
     """
 
     def __init__(self, kind: str) -> None:
@@ -42,8 +43,8 @@ class Registry(dict[str, T], Generic[T]):
     def get_or_raise(self, name: str, flag: str | None = None) -> T:
         if name in self:
             return self[name]
-        where = f" (from {flag})" if flag else ""
+        where = f"{flag} " if flag else ""
         raise SeglabError(
-            f"unknown {self.kind} '{name}'{where}{did_you_mean(name, list(self))}; "
+            f"{where}'{name}' is not a known {self.kind}{did_you_mean(name, list(self))}; "
             f"choose one of: {', '.join(sorted(self))}"
         )

@@ -58,6 +58,29 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def check_names(cfg: TrainConfig) -> None:
+    """Every name in the config must be registered; say which flag is wrong and what was meant."""
+    from seglab.engine.schedule import OPTIMIZERS, SCHEDULERS
+    from seglab.losses import CLASS_WEIGHT_METHODS, LOSSES
+    from seglab.models import ENCODERS, MODELS
+    from seglab.registry import did_you_mean
+
+    arch = MODELS.get_or_raise(cfg.model, flag="--model")
+    encoder = cfg.encoder or arch.default_encoder
+    if not encoder.startswith("timm:"):
+        ENCODERS.get_or_raise(encoder, flag="--encoder")
+    LOSSES.get_or_raise(cfg.loss, flag="--loss")
+    choices = {
+        "--optimizer": (cfg.optimizer, OPTIMIZERS),
+        "--scheduler": (cfg.scheduler, SCHEDULERS),
+        "--class-weights": (cfg.class_weights or "none", ("none", *CLASS_WEIGHT_METHODS)),
+        "--encoder-weights": (cfg.encoder_weights or "none", ("none", "imagenet")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise SeglabError(f"{flag} {value!r}{did_you_mean(value, allowed)}: choose one of {', '.join(allowed)}")
+
+
 def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
     """runs/train/exp, then exp2, exp3, ... unless exist_ok."""
     base = Path(out) / name
@@ -76,6 +99,7 @@ class Trainer:
         if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
+        check_names(cfg)  # fail on a misspelt name before the dataset is read
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed, cfg.deterministic)
 
@@ -122,7 +146,10 @@ class Trainer:
             drop_last=False,
         )
         if len(self.train_loader) == 0:
-            raise SeglabError(f"--batch {cfg.batch} is larger than the {len(train_samples)} training images")
+            raise SeglabError(
+                f"--batch {cfg.batch} is larger than the {len(train_samples)} training images; "
+                f"use --batch {len(train_samples)} or fewer"
+            )
 
         # ---- model, loss, optimiser, schedule
         self.model = build_model(
