@@ -364,3 +364,9 @@ def test_models_lists_every_architecture(tmp_path):
         "efficientnet_lite0",
     ):
         assert name in proc.stdout, name
+
+
+def test_resume_refuses_changed_settings(tmp_path, trained):
+    last = trained.parent / "last.pt"
+    assert_user_error(seglab("train", "--resume", last, "--lr", "0.5", cwd=tmp_path), "--lr", "--epochs")
+    assert_user_error(seglab("train", "--resume", trained, cwd=tmp_path), "best.pt", "last.pt")
