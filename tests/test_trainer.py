@@ -79,3 +79,11 @@ def test_run_folders_increment(tmp_path, shapes):
     first = quiet_train(tmp_path, shapes, name="same")
     second = quiet_train(tmp_path, shapes, name="same")
     assert (first.run_dir.name, second.run_dir.name) == ("same", "same2")
+
+
+def test_amp_dtype_is_checked_and_used(tmp_path, shapes):
+    messages: list[str] = []
+    quiet_train(tmp_path, shapes, messages, amp=True, amp_dtype="bfloat16", name="bf16")
+    assert any("amp bfloat16" in m for m in messages), messages
+    with pytest.raises(seglab.SeglabError, match="--amp-dtype 'half'"):
+        quiet_train(tmp_path, shapes, amp=True, amp_dtype="half", name="bad")

@@ -1,8 +1,8 @@
 """seglab: train, evaluate, predict and ship semantic segmentation models with PyTorch.
 
-    import seglab
-    run = seglab.train(data="path/to/data", model="unet", epochs=20)
-    model = seglab.load(run.best)
+import seglab
+run = seglab.train(data="path/to/data", model="unet", epochs=20)
+model = seglab.load(run.best)
 """
 
 from typing import TYPE_CHECKING, Any

@@ -61,7 +61,8 @@ class TrainConfig:
     ema: bool = False  # keep an exponential moving average of the weights
     ema_decay: float = 0.999
     # speed
-    amp: bool = False  # mixed precision: bfloat16 on CPU, float16 on CUDA
+    amp: bool = False  # mixed precision (autocast)
+    amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 on CUDA), bfloat16 or float16
     channels_last: bool = True  # channels-last memory format
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     # run

@@ -31,12 +31,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CPU (2-3x faster convolutions), float16 on CUDA."""
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+
+
+def amp_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """``auto``: bfloat16 on CPU (2-3x faster convolutions here), float16 on CUDA."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str = "auto") -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=amp_dtype(device, dtype))
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -71,6 +79,7 @@ class Inferencer:
     std: Sequence[float]
     device: torch.device
     amp: bool = False
+    amp_dtype: str = "auto"  # auto, bfloat16 or float16
     channels_last: bool = True
     mode: str = "whole"  # whole or slide
     window: tuple[int, int] = (512, 512)  # slide: tile size (h, w)
@@ -110,7 +119,7 @@ class Inferencer:
     def _run(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, self.amp_dtype):
             return self.model(x).float()
 
     def _slide(self, x: Tensor) -> Tensor:

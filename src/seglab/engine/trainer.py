@@ -39,7 +39,7 @@ from seglab.data import (
 )
 from seglab.engine.checkpoint import ModelCard, load_checkpoint, make_payload, save_checkpoint
 from seglab.engine.evaluator import EvalResult, evaluate
-from seglab.engine.inference import Inferencer, autocast, normalize, resolve_device
+from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.errors import SeglabError
 from seglab.losses import build_loss
@@ -75,6 +75,7 @@ def check_names(cfg: TrainConfig) -> None:
         "--scheduler": (cfg.scheduler, SCHEDULERS),
         "--class-weights": (cfg.class_weights or "none", ("none", *CLASS_WEIGHT_METHODS)),
         "--encoder-weights": (cfg.encoder_weights or "none", ("none", "imagenet")),
+        "--amp-dtype": (cfg.amp_dtype, AMP_DTYPES),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -168,7 +169,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accumulate)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none
+        fp16 = cfg.amp and amp_dtype(self.device, cfg.amp_dtype) == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 and self.device.type == "cuda")
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
             if cfg.ema
@@ -211,7 +214,8 @@ class Trainer:
         self.log(
             f"train: {cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
-            f"batch {cfg.batch} x accumulate {cfg.accumulate}, amp {'on' if cfg.amp else 'off'}"
+            f"batch {cfg.batch} x accumulate {cfg.accumulate}, "
+            f"amp {str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix('torch.') if cfg.amp else 'off'}"
         )
         self.log(f"train: run folder {self.run_dir}")
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -265,7 +269,7 @@ class Trainer:
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["mask"].to(self.device, non_blocking=True)  # [B,H,W] int64
-            with autocast(self.device, cfg.amp):
+            with autocast(self.device, cfg.amp, cfg.amp_dtype):
                 logits = model(x)  # [B,K,H,W]
             loss = self.loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
@@ -296,7 +300,13 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
         inferencer = Inferencer(
-            model, self.model.mean, self.model.std, self.device, amp=self.cfg.amp, channels_last=self.cfg.channels_last
+            model,
+            self.model.mean,
+            self.model.std,
+            self.device,
+            amp=self.cfg.amp,
+            amp_dtype=self.cfg.amp_dtype,
+            channels_last=self.cfg.channels_last,
         )
         result = evaluate(
             inferencer,
