@@ -64,7 +64,10 @@ class TrainConfig:
     amp: bool = False  # mixed precision (autocast)
     amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 on CUDA), bfloat16 or float16
     channels_last: bool = True  # channels-last memory format
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda means each rank's own GPU)
+    sync_bn: bool = False  # under torchrun: synchronise BatchNorm statistics across ranks
+    dist_timeout: float = 600.0  # under torchrun: seconds a rank waits for the others before failing
+    nonfinite: str = "stop"  # a non-finite loss: stop with a message, or skip the step and count it
     # run
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower)

@@ -7,7 +7,7 @@ print(check_dataset("path/to/data").format())
 """
 
 from seglab.data.check import CheckReport, Problem, check_dataset, class_pixel_counts
-from seglab.data.dataset import SegmentationDataset, build_loader, collate_pad
+from seglab.data.dataset import EpochSampler, SegmentationDataset, build_loader, collate_pad
 from seglab.data.formats import FORMATS, DatasetFormat, color_palette, get_split, resolve_dataset, split_names
 from seglab.data.io import read_image, read_mask
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
@@ -20,6 +20,7 @@ __all__ = [
     "DataConfig",
     "DatasetFormat",
     "DatasetSpec",
+    "EpochSampler",
     "EvalTransform",
     "Problem",
     "Sample",

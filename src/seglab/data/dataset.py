@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from seglab.data.io import read_image, read_mask
@@ -27,7 +27,7 @@ from seglab.errors import SeglabError
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (image, mask, seed=None) -> (image, mask)
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -73,6 +73,7 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.in_channels = in_channels
+        self.epoch_seed: int | None = None  # see set_epoch
         # decoded (image HWC uint8, mask HW uint8) per index; filled by preload() or on first read
         self._cache: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.samples)
 
@@ -90,6 +91,15 @@ class SegmentationDataset(Dataset):
         if self.cache:
             self._cache[index] = arrays
         return arrays
+
+    def set_epoch(self, seed: int | None) -> None:
+        """Seed each item's augmentation by (seed, index) instead of the process's RNG stream.
+
+        An item then looks the same whichever worker or rank loads it and whatever was loaded
+        before it, which is what makes distributed training match single-process training and
+        a mid-epoch resume replay the epoch exactly. Workers started after this call see it.
+        """
+        self.epoch_seed = seed
 
     def preload(self, *, progress: bool = True) -> int:
         """Decode every sample into the cache (in this process); returns the bytes held.
@@ -116,9 +126,62 @@ class SegmentationDataset(Dataset):
         image_hwc, mask_hw = self.read(index)
         image = _as_tensor(image_hwc).permute(2, 0, 1)  # [C,H,W] view, channels-last memory
         mask = _as_tensor(mask_hw)  # [H,W] uint8; int64 after the transform
-        if self.transform is not None:
+        if self.transform is not None and self.epoch_seed is not None:
+            image, mask = self.transform(image, mask, seed=sample_seed(self.epoch_seed, index))
+        elif self.transform is not None:
             image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask.long(), "index": int(index)}
+
+
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample in one epoch."""
+    return int(np.random.SeedSequence([epoch_seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler[int]):
+    """One epoch's indices for one rank, optionally from a given batch on.
+
+    The order depends only on ``(seed, epoch)``; rank ``r`` of ``world`` takes every
+    ``world``-th index, so the ranks' batch ``j`` together hold exactly the samples of a
+    single process's batch ``j`` at ``world`` times the batch size. With ``drop_last`` the
+    epoch is cut to whole global batches (every rank gets the same number of batches);
+    without it, nothing is padded or repeated, so evaluation scores every sample once.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.n, self.batch, self.shuffle, self.seed = n, batch, shuffle, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[: self.n // (self.batch * self.world) * self.batch * self.world]
+        mine = order[self.rank :: self.world]
+        return mine[self.start_batch * self.batch :]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
 
 
 def check_labels(mask: np.ndarray, spec: DatasetSpec, sample: Sample) -> None:
@@ -198,12 +261,14 @@ def build_loader(
     ignore_index: int,
     seed: int,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` with ``collate_pad``, reproducible from ``seed``.
 
     The shuffling order and every worker's seed come from a ``torch.Generator`` seeded with
     ``seed``, so the same seed gives the same batches, augmentation included. A cached
-    ``SegmentationDataset`` is preloaded here, before the workers fork.
+    ``SegmentationDataset`` is preloaded here, before the workers fork. A ``sampler`` (such
+    as :class:`EpochSampler`) replaces ``shuffle``.
     """
     if isinstance(dataset, SegmentationDataset) and dataset.cache:
         dataset.preload()
@@ -212,7 +277,8 @@ def build_loader(
     return DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=functools.partial(collate_pad, ignore_index=ignore_index),
         worker_init_fn=seed_worker,

@@ -151,11 +151,16 @@ class TrainTransform:
             f"ignore_index={self.ignore_index})"
         )
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seed`` fixes this call's draws (the trainer passes one per sample and epoch);
+        without it one is drawn from torch's global RNG."""
         if image.shape[-2:] != mask.shape[-2:] or mask.ndim != 2:
             raise ValueError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} do not match")
-        # One shared generator pair for the whole pipeline, seeded from torch's global RNG.
-        seed = int(torch.randint(0, 2**63 - 1, ()))
+        # One shared generator pair for the whole pipeline.
+        if seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, ()))
         self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.pipeline(image=_to_hwc(image), mask=_mask_to_numpy(mask, self.ignore_index))
         return _to_chw(out["image"]), torch.from_numpy(out["mask"]).long()
@@ -180,8 +185,10 @@ class EvalTransform:
     def __repr__(self) -> str:
         return f"EvalTransform(img_size={self.img_size})"
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.resize_image(image), mask
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.resize_image(image), mask  # deterministic: seed is accepted and unused
 
     def resize_image(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 [C,H,W] -> uint8 [C,h,w] with the long side img_size (prediction uses this too)."""

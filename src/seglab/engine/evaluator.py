@@ -6,9 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from seglab.engine.distributed import all_reduce_sum
 from seglab.engine.inference import Inferencer, resize_to
 from seglab.metrics import ConfusionMatrix, metrics_from_confusion
 
@@ -51,5 +53,10 @@ def evaluate(
             if loss_fn is not None:
                 loss_sum += float(loss_fn(p.clamp_min(1e-8).log(), target))
                 loss_n += 1
+    # Under torchrun each rank scored its own share of the images: sum the counts. The matrix
+    # is integer, so the result equals a single process's exactly.
+    all_reduce_sum(cm.matrix)
+    loss_totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=inferencer.device))
+    loss_sum, loss_n = float(loss_totals[0]), int(loss_totals[1])
     metrics = metrics_from_confusion(cm.matrix.cpu(), class_names)
     return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None)

@@ -13,9 +13,12 @@ A run lives in ``runs/train/<name>/``:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +33,7 @@ from tqdm import tqdm
 
 from seglab.config import TrainConfig, to_dict
 from seglab.data import (
+    EpochSampler,
     EvalTransform,
     SegmentationDataset,
     TrainTransform,
@@ -38,6 +42,7 @@ from seglab.data import (
     resolve_dataset,
 )
 from seglab.engine.checkpoint import ModelCard, load_checkpoint, make_payload, save_checkpoint
+from seglab.engine.distributed import all_reduce_sum, init_distributed
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
@@ -76,6 +81,7 @@ def check_names(cfg: TrainConfig) -> None:
         "--class-weights": (cfg.class_weights or "none", ("none", *CLASS_WEIGHT_METHODS)),
         "--encoder-weights": (cfg.encoder_weights or "none", ("none", "imagenet")),
         "--amp-dtype": (cfg.amp_dtype, AMP_DTYPES),
+        "--nonfinite": (cfg.nonfinite, ("stop", "skip")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -93,6 +99,38 @@ def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
     return Path(out) / f"{name}{n}"
 
 
+class TrainingStopped(Exception):
+    """Raised inside the loop once a SIGINT/SIGTERM stop has been saved to last.pt."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__(f"stopped at epoch {epoch + 1}, batch {batch}")
+        self.epoch, self.batch = epoch, batch
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the loop to save last.pt at the next optimiser step and return.
+
+    A second signal is not caught again: it interrupts at once, as the user asked twice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous: dict[int, Any] = {}
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, request_stop)
+    try:
+        yield
+    finally:
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, progress: bool = True, log=print) -> None:
         self.progress, self.log = progress, log
@@ -102,6 +140,11 @@ class Trainer:
         self.cfg = cfg
         check_names(cfg)  # fail on a misspelt name before the dataset is read
         self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device.type, cfg.dist_timeout)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if not self.dist.is_main:  # one rank speaks, one rank writes
+            self.progress, self.log = False, lambda *args, **kwargs: None
         seed_everything(cfg.seed, cfg.deterministic)
 
         # ---- data
@@ -128,28 +171,21 @@ class Trainer:
         if cfg.cache:
             self.train_set.preload()
             self.val_set.preload()
-        self.train_loader = build_loader(
-            self.train_set,
-            batch=cfg.batch,
-            shuffle=True,
-            workers=cfg.workers,
-            ignore_index=spec.ignore_index,
-            seed=cfg.seed,
-            drop_last=True,
+        rank, world = self.dist.rank, self.dist.world
+        self.train_sampler = EpochSampler(
+            len(self.train_set), batch=cfg.batch, shuffle=True, seed=cfg.seed, rank=rank, world=world, drop_last=True
         )
-        self.val_loader = build_loader(
-            self.val_set,
-            batch=cfg.batch,
-            shuffle=False,
-            workers=cfg.workers,
-            ignore_index=spec.ignore_index,
-            seed=cfg.seed,
-            drop_last=False,
+        val_sampler = EpochSampler(len(self.val_set), batch=cfg.batch, shuffle=False, rank=rank, world=world)
+        loader_args: dict[str, Any] = dict(
+            batch=cfg.batch, shuffle=False, workers=cfg.workers, ignore_index=spec.ignore_index, seed=cfg.seed
         )
+        self.train_loader = build_loader(self.train_set, sampler=self.train_sampler, drop_last=True, **loader_args)
+        self.val_loader = build_loader(self.val_set, sampler=val_sampler, **loader_args)
         if len(self.train_loader) == 0:
+            most = max(1, len(train_samples) // world)
             raise SeglabError(
-                f"--batch {cfg.batch} is larger than the {len(train_samples)} training images; "
-                f"use --batch {len(train_samples)} or fewer"
+                f"--batch {cfg.batch} x {world} process(es) is more than the {len(train_samples)} training "
+                f"images; use --batch {most} or fewer"
             )
 
         # ---- model, loss, optimiser, schedule
@@ -162,6 +198,12 @@ class Trainer:
         ).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
+        if self.dist.enabled:
+            if cfg.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         weights = self._class_weights(train_samples)
         self.loss_fn = build_loss(
             cfg.loss, num_classes=spec.num_classes, ignore_index=spec.ignore_index, class_weights=weights
@@ -193,6 +235,9 @@ class Trainer:
 
         # ---- run folder and state
         self.start_epoch, self.best_miou = 0, -1.0
+        self.start_batch, self.partial_loss = 0, (0.0, 0)  # mid-epoch resume
+        self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
         if cfg.resume:
             self.run_dir = Path(cfg.resume).resolve().parent.parent
@@ -200,12 +245,14 @@ class Trainer:
             self._restore(resume_ckpt)
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
-        (self.run_dir / "weights").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self._write_csv()
-        from torch.utils.tensorboard import SummaryWriter
+        self.tb = None
+        if self.dist.is_main:
+            (self.run_dir / "weights").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self._write_csv()
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.run_dir))
+            self.tb = SummaryWriter(str(self.run_dir))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -214,76 +261,128 @@ class Trainer:
         self.log(
             f"train: {cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
-            f"batch {cfg.batch} x accumulate {cfg.accumulate}, "
             f"amp {str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix('torch.') if cfg.amp else 'off'}"
         )
+        world = self.dist.world
+        self.log(
+            f"train: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x {world} "
+            f"process(es) x accumulate {cfg.accumulate}; lr {cfg.lr:g} as given (not scaled with the batch)"
+        )
         self.log(f"train: run folder {self.run_dir}")
-        for epoch in range(self.start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            train_loss = self._train_one_epoch(epoch)
-            result = None
-            if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
-                result = self._validate()
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": round(train_loss, 5),
-                "val_loss": round(result.loss, 5) if result and result.loss is not None else "",
-                "val_miou": round(result.metrics["miou"], 5) if result else "",
-                "val_pixel_accuracy": round(result.metrics["pixel_accuracy"], 5) if result else "",
-                "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
-                "epoch_time_s": round(time.perf_counter() - t0, 1),
-            }
-            self.rows.append(row)
-            self._write_csv()
-            for key in ("train_loss", "val_loss", "val_miou"):
-                if row[key] != "":
-                    self.tb.add_scalar(key, row[key], epoch + 1)
-            self._save(epoch, result)
-            if result:
+        with stop_on_signals(self):
+            try:
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    self._run_epoch(epoch)
+            except TrainingStopped as stop:
                 self.log(
-                    f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss "
-                    f"{result.loss:.4f}, val mIoU {100 * result.metrics['miou']:.2f}, pixel acc "
-                    f"{100 * result.metrics['pixel_accuracy']:.2f} ({row['epoch_time_s']} s)"
+                    f"train: stopped by signal {self.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
+                    f"continue with: seglab train --resume {self.run_dir / 'weights' / 'last.pt'}"
                 )
-            if cfg.plots:
-                plot_curves(self.rows, self.run_dir / "curves.png")
-        self.tb.close()
+                return {
+                    "run_dir": self.run_dir,
+                    "best_miou": self.best_miou,
+                    "rows": self.rows,
+                    "stopped": self.stop_signal,
+                }
+        if self.tb is not None:
+            self.tb.close()
         self.log(f"train: done; best val mIoU {100 * self.best_miou:.2f}; weights in {self.run_dir / 'weights'}")
-        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows}
+        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows, "stopped": None}
+
+    def _run_epoch(self, epoch: int) -> None:
+        """Train one epoch, validate, log, save."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        train_loss = self._train_one_epoch(epoch)
+        result = None
+        if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+            result = self._validate()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(train_loss, 5),
+            "val_loss": round(result.loss, 5) if result and result.loss is not None else "",
+            "val_miou": round(result.metrics["miou"], 5) if result else "",
+            "val_pixel_accuracy": round(result.metrics["pixel_accuracy"], 5) if result else "",
+            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+            "epoch_time_s": round(time.perf_counter() - t0, 1),
+        }
+        self.rows.append(row)
+        self._end_epoch(epoch, result, row)
+        skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
+        if result:
+            self.log(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss "
+                f"{result.loss:.4f}, val mIoU {100 * result.metrics['miou']:.2f}, pixel acc "
+                f"{100 * result.metrics['pixel_accuracy']:.2f} ({row['epoch_time_s']} s{skipped})"
+            )
 
     def _train_one_epoch(self, epoch: int) -> float:
-        cfg, model = self.cfg, self.model
-        model.train()
-        self.train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffle and worker seeds per epoch
+        cfg, net = self.cfg, self.net
+        net.train()
+        start = self.start_batch if epoch == self.start_epoch else 0  # > 0 only when resuming mid-epoch
+        self.train_sampler.set_epoch(epoch, start)  # the order depends only on (seed, epoch)
+        self.train_set.set_epoch(cfg.seed * 100_003 + epoch)  # so does each sample's augmentation
+        total, count = self.partial_loss if start else (0.0, 0)
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            initial=start,
+            total=start + len(self.train_loader),
             disable=None if self.progress else True,
             dynamic_ncols=True,
             leave=False,
         )
-        total, count = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(bar, start=start):
             x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["mask"].to(self.device, non_blocking=True)  # [B,H,W] int64
-            with autocast(self.device, cfg.amp, cfg.amp_dtype):
-                logits = model(x)  # [B,K,H,W]
-            loss = self.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise SeglabError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                    "lower --lr, set --grad-clip, or train without --amp"
-                )
-            self.scaler.scale(loss / cfg.accumulate).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(self.train_loader):
-                self._optimizer_step()
+            boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == start + len(self.train_loader)
+            # DDP averages gradients across ranks on backward; between accumulation steps it need not.
+            sync = contextlib.nullcontext() if boundary or not self.dist.enabled else net.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast(self.device, cfg.amp, cfg.amp_dtype):
+                    logits = net(x)  # [B,K,H,W]
+                loss = self.loss_fn(logits.float(), y)
+                if not self._finite(loss, epoch, i):
+                    self.optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
+                    continue
+                self.scaler.scale(loss / cfg.accumulate).backward()
             total += loss.item()
             count += 1
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        return total / max(count, 1)
+            if boundary:
+                self._optimizer_step()
+                if self._stop_requested():
+                    self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (total, count))
+                    raise TrainingStopped(epoch, i + 1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        totals = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        return float(totals[0]) / max(float(totals[1]), 1.0)  # the mean over every rank's batches
+
+    def _finite(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
+        """False (and counted) for a non-finite loss in skip mode; stops the run in stop mode.
+
+        Under torchrun the ranks agree: if any rank's loss is not finite, every rank skips."""
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device))
+        if bad.item() == 0:
+            return True
+        if self.cfg.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log(
+                f"train: non-finite loss at epoch {epoch + 1}, step {step + 1}: step skipped "
+                f"({self.skipped_steps} so far)"
+            )
+            return False
+        raise SeglabError(
+            f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr, set --grad-clip, "
+            "train without --amp, or pass --nonfinite skip to skip such steps"
+        )
+
+    def _stop_requested(self) -> bool:
+        """SIGINT/SIGTERM asks for a stop; under torchrun all ranks stop at the same step."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        return all_reduce_sum(flag).item() > 0 if self.dist.enabled else self.stop_signal is not None
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:
@@ -340,17 +439,50 @@ class Trainer:
         self.log(f"loss: {method} class weights from {len(samples)} train masks: {shown}")
         return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
-    def _save(self, epoch: int, result: EvalResult | None) -> None:
-        weights_model = self.ema.module if self.ema is not None else self.model
-        metrics = result.metrics if result else None
+    def _end_epoch(self, epoch: int, result: EvalResult | None, row: dict[str, Any]) -> None:
+        """Bookkeeping after an epoch: best mIoU everywhere; files on the main rank only."""
         improved = result is not None and (result.metrics["miou"] or 0.0) > self.best_miou
         if result is not None and improved:
             self.best_miou = result.metrics["miou"]
+        if not self.dist.is_main:
+            return
+        self._write_csv()
+        for key in ("train_loss", "val_loss", "val_miou"):
+            if row[key] != "" and self.tb is not None:
+                self.tb.add_scalar(key, row[key], epoch + 1)
+        weights = self.run_dir / "weights"
+        self._save_state(weights / "last.pt", epoch + 1, 0, None, result)
+        if self.cfg.save_period and (epoch + 1) % self.cfg.save_period == 0:
+            self._save_state(weights / f"epoch{epoch + 1}.pt", epoch + 1, 0, None, result)  # resumable too
+        if improved:
+            lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": result.metrics if result else None}
+            save_checkpoint(weights / "best.pt", make_payload(self._shipped_model(), self.card, **lean))
+        if self.cfg.plots:
+            plot_curves(self.rows, self.run_dir / "curves.png")
+
+    def _shipped_model(self) -> nn.Module:
+        """The weights that are evaluated and saved for use: the EMA ones when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _save_state(
+        self,
+        path: Path,
+        epochs_done: int,
+        batch_in_epoch: int,
+        partial_loss: tuple[float, int] | None,
+        result: EvalResult | None = None,
+    ) -> None:
+        """A resumable checkpoint after ``epochs_done`` whole epochs and ``batch_in_epoch`` more batches."""
+        if not self.dist.is_main:
+            return
         state = {
             "config": to_dict(self.cfg),
-            "epoch": epoch + 1,
-            "metrics": metrics,
+            "epoch": epochs_done,
+            "batch_in_epoch": batch_in_epoch,
+            "partial_loss": partial_loss,
+            "metrics": result.metrics if result else None,
             "best_miou": self.best_miou,
+            "skipped_steps": self.skipped_steps,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -363,13 +495,7 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        full = make_payload(weights_model, self.card, **state)
-        save_checkpoint(self.run_dir / "weights" / "last.pt", full)
-        if self.cfg.save_period and (epoch + 1) % self.cfg.save_period == 0:
-            save_checkpoint(self.run_dir / "weights" / f"epoch{epoch + 1}.pt", full)  # resumable too
-        if improved:
-            lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": metrics}
-            save_checkpoint(self.run_dir / "weights" / "best.pt", make_payload(weights_model, self.card, **lean))
+        save_checkpoint(path, make_payload(self._shipped_model(), self.card, **state))
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["train_model"])
@@ -385,8 +511,12 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_epoch, self.best_miou = ckpt["epoch"], ckpt["best_miou"]
+        self.start_batch = ckpt.get("batch_in_epoch", 0)
+        self.partial_loss = tuple(ckpt.get("partial_loss") or (0.0, 0))
+        self.skipped_steps = ckpt.get("skipped_steps", 0)
         self.rows = [r for r in _read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
-        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+        where = f", batch {self.start_batch + 1}" if self.start_batch else ""
+        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}{where}")
 
     def _write_csv(self) -> None:
         path = self.run_dir / "metrics.csv"

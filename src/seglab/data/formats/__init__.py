@@ -44,6 +44,7 @@ from seglab.data.formats.coco import load_coco
 from seglab.data.formats.folders import IMAGE_DIRS, MASK_DIRS, MASK_SUFFIXES, load_folders
 
 # isort: on
+from seglab.data.builtin import BUILTIN_DATASETS, resolve_builtin
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError
 from seglab.registry import did_you_mean
@@ -113,17 +114,32 @@ def _detect(root: Path, cfg: DataConfig) -> str:
     )
 
 
-def resolve_dataset(data: str | Path, *, strict: bool = True) -> DatasetSpec:
-    """Understand the dataset at ``data`` (a folder, or a data.yaml) and list its samples.
+def resolve_dataset(
+    data: str | Path, *, strict: bool = True, cache_dir: str | Path | None = None, progress: bool = True
+) -> DatasetSpec:
+    """Understand the dataset at ``data`` (a folder, a data.yaml, or a built-in name) and list its samples.
 
     A ``data.yaml`` inside the folder is read automatically; one given directly has its
     ``path:`` relative to itself. Layout problems (list lines naming missing files, images
     without masks) raise a SeglabError listing them; with ``strict=False`` they are kept in
     ``spec.problems`` instead and the affected samples left out (``seglab data check`` does this).
+
+    A ``data`` that is not an existing path but a built-in name (``camvid``, ``voc2012``,
+    ``isbi2012``) is downloaded on first use into ``cache_dir`` (default: the user's cache
+    folder; ``progress`` shows the download bar) by :func:`seglab.data.builtin.resolve_builtin`.
+    An existing folder of that name wins over the built-in one.
     """
     path = Path(data).expanduser()
+    builtin = None
+    if not path.exists() and isinstance(data, str) and data in BUILTIN_DATASETS:
+        builtin, path = data, resolve_builtin(data, cache_dir=cache_dir, progress=progress)
     if not path.exists():
-        raise SeglabError(f"dataset not found: {path}; pass a dataset folder or its data.yaml")
+        names = list(BUILTIN_DATASETS)
+        hint = did_you_mean(str(data), names) if len(path.parts) == 1 else ""
+        raise SeglabError(
+            f"dataset not found: {path}{hint}; pass a dataset folder or its data.yaml, "
+            f"or one of the built-in names: {', '.join(names)}"
+        )
     root, cfg, yaml_path = _read_config(path)
     if not root.is_dir():
         raise SeglabError(f"{yaml_path}: path: {cfg.path} -> {root} is not a folder; fix 'path:' in data.yaml")
@@ -135,6 +151,8 @@ def resolve_dataset(data: str | Path, *, strict: bool = True) -> DatasetSpec:
     spec = FORMATS[name].load(root, cfg)
     if yaml_path is not None:
         spec.notes.insert(0, f"settings from {yaml_path}")
+    if builtin is not None:
+        spec.notes.insert(0, f"built-in dataset '{builtin}' from {path}")
     if not spec.splits and not spec.problems:
         raise SeglabError(
             f"{root}: the {name} layout was recognised but it lists no images; expected {FORMATS[name].expects}"
