@@ -33,6 +33,7 @@ class TrainRun:
     run_dir: Path
     best_miou: float
     rows: list[dict[str, Any]]
+    stopped: int | None = None  # the signal that stopped the run early (its last.pt resumes it)
 
     @property
     def best(self) -> Path:
@@ -49,7 +50,7 @@ def train(config: str | None = None, *, progress: bool = True, log=print, **over
 
     cfg = resume_config(overrides) if overrides.get("resume") else load_train_config(config, **overrides)
     out = Trainer(cfg, progress=progress, log=log).fit()
-    return TrainRun(out["run_dir"], out["best_miou"], out["rows"])
+    return TrainRun(out["run_dir"], out["best_miou"], out["rows"], out["stopped"])
 
 
 RESUME_OVERRIDES = ("epochs", "device", "workers")
@@ -168,8 +169,19 @@ class SegModel:
         seed: int = 0,
         progress: bool = True,
     ) -> EvalResult:
-        """Score the model on a split: one confusion matrix over every labelled pixel."""
-        from seglab.data import EvalTransform, SegmentationDataset, build_loader, get_split, resolve_dataset
+        """Score the model on a split: one confusion matrix over every labelled pixel.
+
+        Under torchrun each rank scores every world-th image and the counts are summed, so the
+        metrics equal a single process's exactly."""
+        from seglab.data import (
+            EpochSampler,
+            EvalTransform,
+            SegmentationDataset,
+            build_loader,
+            get_split,
+            resolve_dataset,
+        )
+        from seglab.engine.distributed import init_distributed
 
         spec = resolve_dataset(data)
         if spec.num_classes != self.card.num_classes:
@@ -181,8 +193,10 @@ class SegModel:
         dataset = SegmentationDataset(
             samples, spec, EvalTransform(self.card.img_size), in_channels=self.card.in_channels
         )
+        dist = init_distributed(self.device.type)
         loader = build_loader(
             dataset,
+            sampler=EpochSampler(len(dataset), batch=batch, shuffle=False, rank=dist.rank, world=dist.world),
             batch=batch,
             shuffle=False,
             workers=workers,

@@ -128,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seglab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun group cleanly
+            from seglab.engine.distributed import cleanup
+
+            cleanup()
 
 
 def _one_line(message: str) -> str:
@@ -144,8 +149,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if not overrides["data"] and not args.config and not overrides["resume"]:
         raise SeglabError("train: --data is required (a dataset folder or data.yaml), or --config / --resume")
-    train(args.config, **overrides)
-    return 0
+    run = train(args.config, **overrides)
+    return 128 + run.stopped if run.stopped else 0  # stopped by a signal: last.pt saved, not finished
 
 
 def _val(args: argparse.Namespace) -> int:
@@ -160,6 +165,10 @@ def _val(args: argparse.Namespace) -> int:
     result = model.evaluate(
         data, split=args.split, tta=args.tta, slide=args.slide, batch=args.batch, workers=args.workers, limit=args.limit
     )
+    from seglab.engine.distributed import current
+
+    if not current().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(format_table(result.metrics))
     out = next_run_dir(args.out, args.name, exist_ok=False)
     path = write_metrics(result, out, model.classes)

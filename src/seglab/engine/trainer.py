@@ -200,6 +200,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
         if self.dist.enabled:
+            if cfg.sync_bn and self.device.type != "cuda":
+                raise SeglabError(
+                    "--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU training"
+                )
             if cfg.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -256,38 +260,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.dist.world
         n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
         self.log(
             f"train: {cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
             f"amp {str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix('torch.') if cfg.amp else 'off'}"
         )
-        world = self.dist.world
         self.log(
             f"train: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x {world} "
             f"process(es) x accumulate {cfg.accumulate}; lr {cfg.lr:g} as given (not scaled with the batch)"
         )
-        self.log(f"train: run folder {self.run_dir}")
+        stopped = None
         with stop_on_signals(self):
+            self.log(f"train: run folder {self.run_dir}")  # from here on, SIGINT/SIGTERM save and stop
             try:
                 for epoch in range(self.start_epoch, cfg.epochs):
                     self._run_epoch(epoch)
             except TrainingStopped as stop:
+                stopped = self.stop_signal
                 self.log(
-                    f"train: stopped by signal {self.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
+                    f"train: stopped by signal {stopped} at epoch {stop.epoch + 1}, batch {stop.batch}; "
                     f"continue with: seglab train --resume {self.run_dir / 'weights' / 'last.pt'}"
                 )
-                return {
-                    "run_dir": self.run_dir,
-                    "best_miou": self.best_miou,
-                    "rows": self.rows,
-                    "stopped": self.stop_signal,
-                }
         if self.tb is not None:
             self.tb.close()
-        self.log(f"train: done; best val mIoU {100 * self.best_miou:.2f}; weights in {self.run_dir / 'weights'}")
-        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows, "stopped": None}
+        if stopped is None:
+            self.log(f"train: done; best val mIoU {100 * self.best_miou:.2f}; weights in {self.run_dir / 'weights'}")
+        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows, "stopped": stopped}
 
     def _run_epoch(self, epoch: int) -> None:
         """Train one epoch, validate, log, save."""
