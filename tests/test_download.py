@@ -521,3 +521,21 @@ def test_isbi2012_end_to_end(server, tmp_path, monkeypatch):
     assert spec.classes == ["membrane", "cell"] and list(spec.splits) == ["train"]
     assert len(spec.splits["train"]) == 3
     assert set(np.unique(read_mask(spec.splits["train"][0], spec)).tolist()) == {0, 1}
+
+
+def test_train_and_val_find_a_builtin_dataset_in_data_cache(server, tmp_path, monkeypatch):
+    """`seglab train --data camvid --data-cache DIR` downloads once; the checkpoint's val finds it again."""
+    import seglab
+
+    counts = {"train": 4, "val": 2, "test": 1}
+    server.files["segnet.zip"] = _camvid_zip(tmp_path, counts)
+    _use_entry(monkeypatch, "camvid", url=server.url("segnet.zip"), counts=counts)
+    cache = tmp_path / "cache"
+    run = seglab.train(data="camvid", data_cache=str(cache), model="fcn", epochs=1, batch=2, img_size=32,
+                       workers=0, out=str(tmp_path / "runs"), progress=False, log=lambda *a: None)
+    assert (cache / "camvid" / COMPLETE).is_file()
+    model = seglab.load(run.best)
+    assert model.config["data"] == "camvid" and model.config["data_cache"] == str(cache)
+    metrics = model.evaluate("camvid", data_cache=cache, workers=0, progress=False).metrics
+    assert metrics["num_pixels"] > 0
+    assert len(server.requests) == 1  # downloaded once, then read from the cache

@@ -168,6 +168,7 @@ class SegModel:
         val_fraction: float = 0.1,
         seed: int = 0,
         progress: bool = True,
+        data_cache: str | Path | None = None,
     ) -> EvalResult:
         """Score the model on a split: one confusion matrix over every labelled pixel.
 
@@ -183,7 +184,7 @@ class SegModel:
         )
         from seglab.engine.distributed import init_distributed
 
-        spec = resolve_dataset(data)
+        spec = resolve_dataset(data, cache_dir=data_cache, progress=progress)
         if spec.num_classes != self.card.num_classes:
             raise SeglabError(
                 f"{data} has {spec.num_classes} classes but the model was trained on {self.card.num_classes} "

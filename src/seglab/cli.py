@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
     p.add_argument("--data", help="dataset (default: the one the weights were trained on)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
     _add_inference_flags(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch", type=int, default=4)
@@ -163,7 +164,14 @@ def _val(args: argparse.Namespace) -> int:
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
     result = model.evaluate(
-        data, split=args.split, tta=args.tta, slide=args.slide, batch=args.batch, workers=args.workers, limit=args.limit
+        data,
+        split=args.split,
+        tta=args.tta,
+        slide=args.slide,
+        batch=args.batch,
+        workers=args.workers,
+        limit=args.limit,
+        data_cache=args.data_cache or model.config.get("data_cache"),
     )
     from seglab.engine.distributed import current
 

@@ -26,7 +26,8 @@ class TrainConfig:
     """Everything a training run needs. Field comments become ``--help`` text."""
 
     # data
-    data: str = ""  # dataset folder or data.yaml
+    data: str = ""  # dataset folder, data.yaml, or a built-in name: camvid, voc2012, isbi2012
+    data_cache: str | None = None  # where built-in datasets download to (default ~/.cache/seglab/datasets)
     img_size: int = 512  # long side images are resized to (train, val and predict)
     crop_size: list[int] | None = None  # training crop [height, width]; default: img_size square
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale range

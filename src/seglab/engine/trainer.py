@@ -148,7 +148,7 @@ class Trainer:
         seed_everything(cfg.seed, cfg.deterministic)
 
         # ---- data
-        spec = resolve_dataset(cfg.data)
+        spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=self.progress)
         self.spec = spec
         train_samples = get_split(spec, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
         val_samples = get_split(spec, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
