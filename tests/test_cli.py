@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -259,25 +260,28 @@ def test_config_wrong_type(tmp_path, shapes):
     assert_user_error(seglab("train", "--config", cfg, cwd=tmp_path), "epochs")
 
 
-def test_unreadable_image_in_training(tmp_path, broken_copy):
+def test_unreadable_image_in_training_is_skipped_and_named_or_fatal_with_strict_data(tmp_path, broken_copy):
     broken = broken_copy
-    victim = sorted((broken / "images" / "train").glob("*.png"))[0]
-    victim.write_bytes(b"not a png at all")
-    proc = seglab(
-        "train",
-        "--data",
-        broken,
-        "--epochs",
-        "1",
-        "--batch",
-        "4",
-        "--img-size",
-        "48",
-        "--workers",
-        "0",
-        cwd=tmp_path,
-    )
-    assert_user_error(proc, victim.name)
+    train_victim = sorted((broken / "images" / "train").glob("*.png"))[0]
+    train_victim.write_bytes(b"not a png at all")
+    val_victim = sorted((broken / "masks" / "val").glob("*.png"))[0]
+    val_victim.write_bytes(val_victim.read_bytes()[:60])  # truncated
+    args = ["train", "--data", broken, "--epochs", "1", "--batch", "4", "--img-size", "48", "--workers", "2"]
+    proc = seglab(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped (train): cannot read image {train_victim}" in proc.stdout
+    assert f"skipped (val): cannot read mask {val_victim}: the file is truncated" in proc.stdout
+    assert "1 train / 1 val unreadable images skipped" in proc.stdout
+    assert_user_error(seglab(*args, "--strict-data", cwd=tmp_path), train_victim.name)
+
+
+def test_image_and_mask_of_different_sizes(tmp_path, broken_copy):
+    victim = sorted((broken_copy / "masks" / "train").glob("*.png"))[0]
+    Image.open(victim).crop((0, 0, 40, 30)).save(victim)
+    args = ["train", "--data", broken_copy, "--epochs", "1", "--batch", "4", "--img-size", "48", "--workers", "0"]
+    assert_user_error(seglab(*args, "--strict-data", cwd=tmp_path), victim.name, "same size")
+    proc = seglab(*args, cwd=tmp_path)
+    assert proc.returncode == 0 and "48x48 but its mask" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_label_out_of_range_in_training(tmp_path, broken_copy):
@@ -370,3 +374,48 @@ def test_resume_refuses_changed_settings(tmp_path, trained):
     last = trained.parent / "last.pt"
     assert_user_error(seglab("train", "--resume", last, "--lr", "0.5", cwd=tmp_path), "--lr", "--epochs")
     assert_user_error(seglab("train", "--resume", trained, cwd=tmp_path), "best.pt", "last.pt")
+
+
+def test_read_only_output_folder(tmp_path, trained, shapes):
+    if os.geteuid() == 0:  # root ignores permission bits; sysfs refuses new folders even to root
+        out = Path("/sys/seglab-out")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "out"
+    proc = seglab("predict", "--weights", trained, "--source", shapes / "images" / "val", "--out", out, cwd=tmp_path)
+    assert_user_error(proc, "cannot write", "--out")
+
+
+def test_output_folder_is_a_file(tmp_path, trained, shapes):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    proc = seglab(
+        "predict",
+        "--weights",
+        trained,
+        "--source",
+        shapes / "images" / "val",
+        "--out",
+        tmp_path / "taken",
+        cwd=tmp_path,
+    )
+    assert_user_error(proc, "cannot write", "taken")
+
+
+@pytest.fixture
+def full_folder(tmp_path):
+    """A 4 KiB tmpfs: the first file fills it."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_output_folder(tmp_path, trained, shapes, full_folder):
+    proc = seglab(
+        "predict", "--weights", trained, "--source", shapes / "images" / "val", "--out", full_folder, cwd=tmp_path
+    )
+    assert_user_error(proc, "No space left on device", "free some space")
+    leftovers = [p for p in full_folder.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert leftovers == []  # no half-written temporary files

@@ -531,8 +531,18 @@ def test_train_and_val_find_a_builtin_dataset_in_data_cache(server, tmp_path, mo
     server.files["segnet.zip"] = _camvid_zip(tmp_path, counts)
     _use_entry(monkeypatch, "camvid", url=server.url("segnet.zip"), counts=counts)
     cache = tmp_path / "cache"
-    run = seglab.train(data="camvid", data_cache=str(cache), model="fcn", epochs=1, batch=2, img_size=32,
-                       workers=0, out=str(tmp_path / "runs"), progress=False, log=lambda *a: None)
+    run = seglab.train(
+        data="camvid",
+        data_cache=str(cache),
+        model="fcn",
+        epochs=1,
+        batch=2,
+        img_size=32,
+        workers=0,
+        out=str(tmp_path / "runs"),
+        progress=False,
+        log=lambda *a: None,
+    )
     assert (cache / "camvid" / COMPLETE).is_file()
     model = seglab.load(run.best)
     assert model.config["data"] == "camvid" and model.config["data_cache"] == str(cache)

@@ -192,3 +192,25 @@ def test_sync_bn_on_cpu_is_refused(tmp_path, shapes):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "--sync-bn needs CUDA" in proc.stderr
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_truncated(tmp_path, shapes, straight):
+    """Two checkpoints are kept (last.pt, last.prev.pt); a damaged last.pt costs one epoch, not the run."""
+    import shutil
+
+    run = tmp_path / "runs/train/damaged"
+    shutil.copytree(straight, run)
+    # the state after epoch 2 of 3 is last.prev.pt once epoch 3 is written; damage last.pt
+    last = run / "weights/last.pt"
+    assert torch.load(run / "weights/last.prev.pt", weights_only=False)["epoch"] == 2
+    last.write_bytes(last.read_bytes()[:1000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "seglab", "train", "--resume", str(last)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "falling back to the previous checkpoint" in proc.stdout and "last.prev.pt" in proc.stdout
+    same_weights(straight / "weights/last.pt", last)  # epoch 3 replayed exactly

@@ -58,9 +58,17 @@ RESUME_OVERRIDES = ("epochs", "device", "workers")
 
 def resume_config(overrides: dict[str, Any]) -> TrainConfig:
     """A resumed run keeps its own settings; only where it runs and for how long may change."""
-    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.checkpoint import load_checkpoint, previous_of
 
-    ckpt = load_checkpoint(overrides["resume"])
+    try:
+        ckpt = load_checkpoint(overrides["resume"])
+    except SeglabError as e:
+        previous = previous_of(overrides["resume"])
+        if not previous.is_file():
+            raise
+        print(f"resume: {e}; falling back to the previous checkpoint {previous}")
+        ckpt = load_checkpoint(previous)
+        overrides = {**overrides, "resume": str(previous)}
     if "optimizer" not in ckpt:
         raise SeglabError(f"{overrides['resume']} holds no training state; resume from weights/last.pt")
     changed = sorted(k for k, v in overrides.items() if v is not None and k not in (*RESUME_OVERRIDES, "resume"))
@@ -169,6 +177,7 @@ class SegModel:
         seed: int = 0,
         progress: bool = True,
         data_cache: str | Path | None = None,
+        strict_data: bool = False,
     ) -> EvalResult:
         """Score the model on a split: one confusion matrix over every labelled pixel.
 
@@ -192,7 +201,11 @@ class SegModel:
             )
         samples = get_split(spec, split, val_fraction=val_fraction, seed=seed)[:limit]
         dataset = SegmentationDataset(
-            samples, spec, EvalTransform(self.card.img_size), in_channels=self.card.in_channels
+            samples,
+            spec,
+            EvalTransform(self.card.img_size),
+            in_channels=self.card.in_channels,
+            skip_bad=not strict_data,
         )
         dist = init_distributed(self.device.type)
         loader = build_loader(

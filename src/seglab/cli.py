@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
     _add_inference_flags(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--strict-data", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/val", help="folder for metrics.json (default: runs/val/<name>)")
@@ -125,6 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SeglabError as e:
         print(f"seglab: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that is read-only, full, or a file where a folder should be
+        where = e.filename or "the output folder"
+        fix = {
+            errno.ENOSPC: "free some space or choose another --out",
+            errno.EACCES: "choose a folder you can write to with --out",
+            errno.EROFS: "choose a folder you can write to with --out",
+        }.get(e.errno or 0, "check --out")
+        print(f"seglab: error: cannot write {where}: {e.strerror or e}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seglab: interrupted", file=sys.stderr)
@@ -172,12 +183,15 @@ def _val(args: argparse.Namespace) -> int:
         workers=args.workers,
         limit=args.limit,
         data_cache=args.data_cache or model.config.get("data_cache"),
+        strict_data=args.strict_data,
     )
     from seglab.engine.distributed import current
 
     if not current().is_main:  # under torchrun, rank 0 reports
         return 0
     print(format_table(result.metrics))
+    for message in result.skipped:
+        print(f"val: skipped an unreadable sample: {message}")
     out = next_run_dir(args.out, args.name, exist_ok=False)
     path = write_metrics(result, out, model.classes)
     print(

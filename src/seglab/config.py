@@ -37,6 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # hold-out fraction when the dataset has no validation split
     limit: int | None = None  # use only the first N samples of each split
     workers: int = 2  # DataLoader worker processes
+    strict_data: bool = False  # an unreadable image or mask stops the run (default: report and skip it)
     in_channels: int = 3  # 3 = RGB, 1 = greyscale
     # model
     model: str = "unet"  # architecture (see `seglab models`)

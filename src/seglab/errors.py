@@ -8,3 +8,8 @@ name the file or flag at fault and say what to do about it.
 
 class SeglabError(Exception):
     """A user error: bad path, bad flag, bad data. Printed as one line, exit status 2."""
+
+
+class BadSample(SeglabError):
+    """One sample cannot be used: its image or mask is missing, empty, truncated or not an image,
+    or the two differ in size. Training reports and skips such samples unless --strict-data."""

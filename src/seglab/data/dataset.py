@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from seglab.data.io import read_image, read_mask
 from seglab.data.spec import DatasetSpec, Sample
-from seglab.errors import SeglabError
+from seglab.errors import BadSample, SeglabError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class SegmentationDataset(Dataset):
             forked workers then share the cached pages copy-on-write instead of each filling,
             and holding, its own copy.
         in_channels: 3 reads RGB, 1 greyscale.
+        skip_bad: an unreadable sample (:class:`BadSample`) becomes ``{"bad": message}``, which
+            ``collate_pad`` leaves out and reports, instead of ending the run hours in.
 
     Item: ``image`` uint8 [C,H,W], ``mask`` int64 [H,W], ``index`` int (position in ``samples``).
     """
@@ -67,6 +69,7 @@ class SegmentationDataset(Dataset):
         *,
         cache: bool = False,
         in_channels: int = 3,
+        skip_bad: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.spec = spec
@@ -74,6 +77,7 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.in_channels = in_channels
         self.epoch_seed: int | None = None  # see set_epoch
+        self.skip_bad = skip_bad
         # decoded (image HWC uint8, mask HW uint8) per index; filled by preload() or on first read
         self._cache: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.samples)
 
@@ -87,6 +91,11 @@ class SegmentationDataset(Dataset):
             return cached
         sample = self.samples[index]
         arrays = read_image(sample.image, self.in_channels), read_mask(sample, self.spec)
+        if arrays[0].shape[:2] != arrays[1].shape:
+            raise BadSample(
+                f"image {sample.image} is {arrays[0].shape[1]}x{arrays[0].shape[0]} but its mask "
+                f"{sample.mask} is {arrays[1].shape[1]}x{arrays[1].shape[0]}; they must have the same size"
+            )
         check_labels(arrays[1], self.spec, sample)
         if self.cache:
             self._cache[index] = arrays
@@ -123,7 +132,12 @@ class SegmentationDataset(Dataset):
         return sum(image.nbytes + mask.nbytes for image, mask in filter(None, self._cache))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_hwc, mask_hw = self.read(index)
+        try:
+            image_hwc, mask_hw = self.read(index)
+        except BadSample as e:
+            if not self.skip_bad:
+                raise
+            return {"bad": str(e), "index": int(index)}  # collate_pad drops it and reports it
         image = _as_tensor(image_hwc).permute(2, 0, 1)  # [C,H,W] view, channels-last memory
         mask = _as_tensor(mask_hw)  # [H,W] uint8; int64 after the transform
         if self.transform is not None and self.epoch_seed is not None:
@@ -208,8 +222,13 @@ def collate_pad(batch: Sequence[dict[str, Any]], ignore_index: int) -> dict[str,
     original sizes are kept so predictions can be cropped back.
 
     Returns ``{"image": uint8 [B,C,H,W], "mask": int64 [B,H',W'], "image_size": [(h, w)],
-    "mask_size": [(h, w)], "index": [int]}``.
+    "mask_size": [(h, w)], "index": [int], "bad": [str]}``; ``image`` and ``mask`` are None
+    when every sample of the batch was unreadable.
     """
+    bad = [item["bad"] for item in batch if "bad" in item]
+    batch = [item for item in batch if "bad" not in item]
+    if not batch:  # every sample of this batch was unreadable
+        return {"image": None, "mask": None, "image_size": [], "mask_size": [], "index": [], "bad": bad}
     images = [item["image"] for item in batch]
     masks = [item["mask"] for item in batch]
     image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
@@ -232,6 +251,7 @@ def collate_pad(batch: Sequence[dict[str, Any]], ignore_index: int) -> dict[str,
         "image_size": image_sizes,
         "mask_size": mask_sizes,
         "index": [int(item["index"]) for item in batch],
+        "bad": bad,  # messages of the samples left out (see SegmentationDataset's skip_bad)
     }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from seglab.data.spec import DatasetSpec, Sample
-from seglab.errors import SeglabError
+from seglab.errors import BadSample, SeglabError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -44,20 +44,20 @@ def _open(path: Path, what: str) -> Image.Image:
     """Open and fully decode ``path`` with PIL, or raise a SeglabError saying why not."""
     fix = f"replace or remove the file, or drop it from the {what} list"
     if not path.is_file():
-        raise SeglabError(f"cannot read {what} {path}: file not found; check the path or the dataset layout")
+        raise BadSample(f"cannot read {what} {path}: file not found; check the path or the dataset layout")
     if path.stat().st_size == 0:
-        raise SeglabError(f"cannot read {what} {path}: the file is empty (0 bytes); {fix}")
+        raise BadSample(f"cannot read {what} {path}: the file is empty (0 bytes); {fix}")
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
-        raise SeglabError(f"cannot read {what} {path}: not an image file PIL recognises; {fix}") from None
+        raise BadSample(f"cannot read {what} {path}: not an image file PIL recognises; {fix}") from None
     except OSError as e:
-        raise SeglabError(f"cannot read {what} {path}: {e}; {fix}") from None
+        raise BadSample(f"cannot read {what} {path}: {e}; {fix}") from None
     try:
         im.load()  # decode now: a truncated file raises here, not later in a worker
     except (OSError, SyntaxError, ValueError) as e:
         reason = "the file is truncated" if "truncated" in str(e) else f"corrupt data ({e})"
-        raise SeglabError(f"cannot read {what} {path}: {reason}; {fix}") from None
+        raise BadSample(f"cannot read {what} {path}: {reason}; {fix}") from None
     return im
 
 
@@ -68,12 +68,12 @@ def _read_tiff(path: Path, what: str) -> np.ndarray:
     try:
         a = np.asarray(tifffile.imread(path))
     except Exception as e:  # tifffile raises many types for bad files
-        raise SeglabError(f"cannot read {what} {path}: {e}; replace or remove the file") from None
+        raise BadSample(f"cannot read {what} {path}: {e}; replace or remove the file") from None
     a = np.squeeze(a)
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # planar (C, H, W) -> (H, W, C)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
-        raise SeglabError(
+        raise BadSample(
             f"cannot read {what} {path}: array of shape {a.shape} is not a 2-D image with 1, 3 or 4 "
             "channels (a stack or volume?); save one 2-D slice per file"
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -20,6 +21,7 @@ class EvalResult:
     metrics: dict[str, Any]
     confusion: Tensor  # int64 [K, K], rows = ground truth
     loss: float | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable samples left out (all ranks)
 
 
 def evaluate(
@@ -43,7 +45,11 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, ignore_index, device=inferencer.device)
     loss_sum, loss_n = 0.0, 0
     batches = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    skipped: list[str] = []
     for batch in batches:
+        skipped += batch.get("bad", [])
+        if batch["image"] is None:
+            continue
         probs = inferencer.probabilities(batch["image"])  # [B,K,H,W] at model resolution
         masks = batch["mask"].to(inferencer.device)
         for i, ((ih, iw), (mh, mw)) in enumerate(zip(batch["image_size"], batch["mask_size"], strict=True)):
@@ -59,4 +65,8 @@ def evaluate(
     loss_totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=inferencer.device))
     loss_sum, loss_n = float(loss_totals[0]), int(loss_totals[1])
     metrics = metrics_from_confusion(cm.matrix.cpu(), class_names)
-    return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None)
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, skipped)
+        skipped = [m for part in gathered for m in part]
+    return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None, skipped)

@@ -160,11 +160,17 @@ class Trainer:
         train_tf = TrainTransform(
             cfg.img_size, crop, (cfg.scale_range[0], cfg.scale_range[1]), cfg.hflip, cfg.jitter, spec.ignore_index
         )
+        skip_bad = not cfg.strict_data
         self.train_set = SegmentationDataset(
-            train_samples, spec, train_tf, cache=cfg.cache, in_channels=cfg.in_channels
+            train_samples, spec, train_tf, cache=cfg.cache, in_channels=cfg.in_channels, skip_bad=skip_bad
         )
         self.val_set = SegmentationDataset(
-            val_samples, spec, EvalTransform(cfg.img_size), cache=cfg.cache, in_channels=cfg.in_channels
+            val_samples,
+            spec,
+            EvalTransform(cfg.img_size),
+            cache=cfg.cache,
+            in_channels=cfg.in_channels,
+            skip_bad=skip_bad,
         )
         for note in spec.notes:
             self.log(f"data: {note}")
@@ -241,6 +247,8 @@ class Trainer:
         self.start_epoch, self.best_miou = 0, -1.0
         self.start_batch, self.partial_loss = 0, (0.0, 0)  # mid-epoch resume
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
+        self.bad_seen: set[str] = set()  # unreadable samples already named in the log
+        self.bad_count = {"train": 0, "val": 0}  # unreadable samples skipped this epoch
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
         if cfg.resume:
@@ -309,6 +317,8 @@ class Trainer:
         self.rows.append(row)
         self._end_epoch(epoch, result, row)
         skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
+        if sum(self.bad_count.values()):
+            skipped += f", {self.bad_count['train']} train / {self.bad_count['val']} val unreadable images skipped"
         if result:
             self.log(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss "
@@ -333,7 +343,13 @@ class Trainer:
             leave=False,
         )
         self.optimizer.zero_grad(set_to_none=True)
+        bad: list[str] = []
         for i, batch in enumerate(bar, start=start):
+            bad += batch["bad"]
+            if batch["image"] is None:
+                if not self.dist.enabled:
+                    continue
+                batch = self._blank_batch()  # every rank must join this step's gradient all-reduce
             x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -357,8 +373,27 @@ class Trainer:
                     self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (total, count))
                     raise TrainingStopped(epoch, i + 1)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        totals = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
-        return float(totals[0]) / max(float(totals[1]), 1.0)  # the mean over every rank's batches
+        totals = all_reduce_sum(
+            torch.tensor([total, float(count), float(len(bad))], dtype=torch.float64, device=self.device)
+        )
+        self._report_bad(bad, int(totals[2]), "train")
+        return float(totals[0]) / max(float(totals[1]), 1.0)
+
+    def _blank_batch(self) -> dict[str, Any]:
+        """One all-ignore image: its loss is 0 and its gradients are zero."""
+        h, w = self.card.crop_size
+        return {
+            "image": torch.zeros(1, self.cfg.in_channels, h, w, dtype=torch.uint8),
+            "mask": torch.full((1, h, w), self.spec.ignore_index, dtype=torch.int64),
+        }
+
+    def _report_bad(self, bad: list[str], total: int, split: str) -> None:
+        """Name each unreadable sample once per run; count them in every epoch."""
+        self.bad_count[split] = total
+        for message in bad:
+            if message not in self.bad_seen:
+                self.bad_seen.add(message)
+                self.log(f"data: skipped ({split}): {message}")  # the mean over every rank's batches
 
     def _finite(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
         """False (and counted) for a non-finite loss in skip mode; stops the run in stop mode.
@@ -416,6 +451,7 @@ class Trainer:
             loss_fn=self.loss_fn,
             progress=self.progress,
         )
+        self._report_bad(result.skipped, len(result.skipped), "val")
         if result.metrics["miou"] is None:
             raise SeglabError(
                 f"{self.cfg.data}: the val split has no labelled pixels (all are ignore index "
@@ -495,7 +531,7 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        save_checkpoint(path, make_payload(self._shipped_model(), self.card, **state))
+        save_checkpoint(path, make_payload(self._shipped_model(), self.card, **state), keep_previous=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["train_model"])
