@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fix = {
             errno.ENOSPC: "free some space or choose another --out",
             errno.EACCES: "choose a folder you can write to with --out",
+            errno.EPERM: "choose a folder you can write to with --out",
             errno.EROFS: "choose a folder you can write to with --out",
         }.get(e.errno or 0, "check --out")
         print(f"seglab: error: cannot write {where}: {e.strerror or e}; {fix}", file=sys.stderr)

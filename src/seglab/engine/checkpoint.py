@@ -93,7 +93,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        reason = str(e).splitlines()[0].split(". ")[0][:100] if str(e) else type(e).__name__
         raise SeglabError(
             f"cannot read checkpoint {path}: the file is truncated or not a seglab checkpoint ({reason})"
         ) from None
