@@ -159,6 +159,9 @@ def test_predict_folder_and_python_api(tmp_path, trained, shapes):
     proc = seglab("predict", "--weights", trained, "--source", shapes / "images" / "val", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "runs/predict/exp/masks").glob("*.png"))) == 6
+    proc = seglab("predict", "--weights", trained, "--source", shapes / "images" / "val", "--out", "mine", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "mine/masks").glob("*.png"))) == 6  # --out DIR is used as given
 
     model = sl.load(trained)
     first = sorted((shapes / "images" / "val").glob("*.png"))[0]

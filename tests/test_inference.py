@@ -68,3 +68,25 @@ def test_long_side_size():
     assert long_side_size(360, 480, 240) == (180, 240)
     assert long_side_size(480, 360, 96) == (96, 72)
     assert long_side_size(10, 20, None) == (10, 20)
+
+
+def test_streamed_labels_equal_the_whole_image_argmax_for_a_pointwise_model():
+    images = torch.randint(0, 256, (1, 3, 97, 131), dtype=torch.uint8)
+    model = Pointwise()
+    whole = make(model).probabilities(images)[0]
+    labels, confidence = make(model, mode="slide", window=(32, 48), overlap=0.5, window_batch=2).stream_labels(images)
+    assert labels.shape == (97, 131) and labels.dtype == torch.uint8 and confidence.dtype == torch.float16
+    assert torch.equal(labels.long(), whole.argmax(0))
+    assert torch.allclose(confidence.float(), whole.max(0).values, atol=2e-3)
+
+
+def test_streamed_labels_equal_the_in_memory_sliding_window():
+    """Any model: streaming by bands blends the same tiles with the same weights as _slide."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
+    images = torch.randint(0, 256, (1, 3, 90, 77), dtype=torch.uint8)
+    inf = make(model, mode="slide", window=(40, 32), overlap=1 / 3, window_batch=3)
+    labels, confidence = inf.stream_labels(images)
+    probs = inf.probabilities(images)[0]
+    assert torch.equal(labels.long(), probs.argmax(0))
+    assert torch.allclose(confidence.float(), probs.max(0).values, atol=2e-3)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from seglab.config import TrainConfig, build_config, load_train_config
 from seglab.engine.checkpoint import ModelCard, load_model
@@ -141,17 +142,24 @@ class SegModel:
         and the mask comes back at the image's own size.
         """
         from seglab.data import EvalTransform
+        from seglab.data.dataset import as_tensor
         from seglab.data.io import read_image
 
         inferencer = self.inferencer(tta=tta, slide=slide)
         resize = EvalTransform(self.card.img_size if img_size is None else img_size)
 
         def one(image: np.ndarray, path: Path | None) -> Result:
-            x = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)  # [C,H,W] uint8
+            x = as_tensor(image).permute(2, 0, 1)  # [C,H,W] uint8, no copy
             h, w = x.shape[-2:]
             x = resize.resize_image(x)[None]  # as in evaluation
-            probs = resize_to(inferencer.probabilities(x), (h, w))[0]  # [K,H,W]
-            confidence, mask = probs.max(0)
+            if slide:  # any size in bounded memory: labels, not [K,H,W] probabilities
+                mask, confidence = inferencer.stream_labels(x)
+                if mask.shape != (h, w):
+                    mask = TF.resize(mask[None], [h, w], interpolation=TF.InterpolationMode.NEAREST)[0]
+                    confidence = TF.resize(confidence[None].float(), [h, w])[0].half()
+            else:
+                probs = resize_to(inferencer.probabilities(x), (h, w))[0]  # [K,H,W]
+                confidence, mask = probs.max(0)
             return Result(
                 image, mask.byte().cpu().numpy(), self.card.classes, self.card.colors, confidence.cpu().numpy(), path
             )

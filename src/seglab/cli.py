@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-data", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default="runs/val", help="folder for metrics.json (default: runs/val/<name>)")
+    p.add_argument("--out", help="folder for metrics.json (default: runs/val/<name>, numbered)")
     p.add_argument("--name", default="exp")
 
     p = command("predict", "predict masks for images")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
     p.add_argument("--conf", action="store_true", help="also save per-pixel confidence maps")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
-    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict/<name>)")
+    p.add_argument("--out", help="write masks/ and overlays/ here (default: runs/predict/<name>, numbered)")
     p.add_argument("--name", default="exp")
 
     p = command("data", "inspect datasets")
@@ -193,7 +193,7 @@ def _val(args: argparse.Namespace) -> int:
     print(format_table(result.metrics))
     for message in result.skipped:
         print(f"val: skipped an unreadable sample: {message}")
-    out = next_run_dir(args.out, args.name, exist_ok=False)
+    out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
     path = write_metrics(result, out, model.classes)
     print(
         f"val: mIoU {100 * result.metrics['miou']:.2f}, pixel accuracy "
@@ -211,7 +211,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise SeglabError("predict: --alpha is an opacity between 0 and 1")
     sources = list_sources(args.source)  # fail on a bad source before anything is written
     model = load(args.weights, device=args.device, amp=args.amp)
-    out = next_run_dir(args.out, args.name, exist_ok=False)
+    out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     from tqdm import tqdm
 
     for path in tqdm(sources, desc="predict", disable=True if len(sources) < 2 else None):

@@ -43,7 +43,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:
     """An index mask (H, W) as a palette ('P' mode) PNG image: indices stay indices, colours show."""
-    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
     flat = [c for color in colors for c in color]
     image.putpalette(flat + [0] * (768 - len(flat)))
     return image
@@ -56,11 +56,19 @@ def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
     return lut[mask]
 
 
+def blend_image(
+    image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5
+) -> Image.Image:
+    """Overlay class colours on an RGB (or greyscale) uint8 image, as a PIL image.
+
+    PIL blends in uint8 in C: a few image-sized buffers, no float copies, so large images fit."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        base = Image.fromarray(image.reshape(image.shape[:2])).convert("RGB")
+    else:
+        base = Image.fromarray(image)
+    return Image.blend(base, palette_image(mask, colors).convert("RGB"), alpha)
+
+
 def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
-    """Overlay class colours on an RGB (or greyscale) uint8 image."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    elif image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    out = image.astype(np.float32) * (1 - alpha) + colorize(mask, colors).astype(np.float32) * alpha
-    return out.round().clip(0, 255).astype(np.uint8)
+    """:func:`blend_image` as an (H, W, 3) uint8 array."""
+    return np.asarray(blend_image(image, mask, colors, alpha))

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (image, mask, seed=None) -> (image, mask)
 
 
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
+def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing ``array``'s memory.
 
     PIL-decoded arrays are read-only and torch warns about wrapping them; nothing here writes
@@ -138,8 +138,8 @@ class SegmentationDataset(Dataset):
             if not self.skip_bad:
                 raise
             return {"bad": str(e), "index": int(index)}  # collate_pad drops it and reports it
-        image = _as_tensor(image_hwc).permute(2, 0, 1)  # [C,H,W] view, channels-last memory
-        mask = _as_tensor(mask_hw)  # [H,W] uint8; int64 after the transform
+        image = as_tensor(image_hwc).permute(2, 0, 1)  # [C,H,W] view, channels-last memory
+        mask = as_tensor(mask_hw)  # [H,W] uint8; int64 after the transform
         if self.transform is not None and self.epoch_seed is not None:
             image, mask = self.transform(image, mask, seed=sample_seed(self.epoch_seed, index))
         elif self.transform is not None:

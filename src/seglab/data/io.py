@@ -9,6 +9,8 @@ All label conversions are numpy lookup tables: no Python loop over pixels.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,22 @@ def cityscapes_lut(ignore_index: int) -> np.ndarray:
 # --------------------------------------------------------------------------- opening files
 
 
+MAX_PIXELS = 1 << 30  # about a gigapixel: a 20000x20000 scan passes, a decompression bomb does not
+
+
+@contextlib.contextmanager
+def _pixel_limit(pixels: int):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS (89 M by default): lift it for one open."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels // 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _open(path: Path, what: str) -> Image.Image:
     """Open and fully decode ``path`` with PIL, or raise a SeglabError saying why not."""
     fix = f"replace or remove the file, or drop it from the {what} list"
@@ -48,7 +66,10 @@ def _open(path: Path, what: str) -> Image.Image:
     if path.stat().st_size == 0:
         raise BadSample(f"cannot read {what} {path}: the file is empty (0 bytes); {fix}")
     try:
-        im = Image.open(path)
+        with _pixel_limit(MAX_PIXELS):
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise BadSample(f"cannot read {what} {path}: more than {MAX_PIXELS:,} pixels; split it into tiles") from None
     except UnidentifiedImageError:
         raise BadSample(f"cannot read {what} {path}: not an image file PIL recognises; {fix}") from None
     except OSError as e:

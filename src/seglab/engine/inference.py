@@ -92,6 +92,10 @@ class Inferencer:
     def probabilities(self, images: Tensor) -> Tensor:
         """uint8 [B,C,H,W] -> softmax probabilities float32 [B,K,H,W]."""
         x = normalize(images.to(self.device), self.mean, self.std)
+        return self._tta(x, self._slide if self.mode == "slide" else self._whole)
+
+    def _tta(self, x: Tensor, forward) -> Tensor:
+        """Average ``forward``'s probabilities over the flips and scales asked for."""
         _, _, h, w = x.shape
         total: Tensor | None = None
         runs = 0
@@ -100,8 +104,7 @@ class Inferencer:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             xs = x if scale == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             for flipped in (False, True) if self.flip else (False,):
-                xi = xs.flip(-1) if flipped else xs
-                p = self._forward(xi).softmax(1)
+                p = forward(xs.flip(-1) if flipped else xs)
                 if flipped:
                     p = p.flip(-1)
                 if p.shape[-2:] != (h, w):
@@ -111,37 +114,83 @@ class Inferencer:
         assert total is not None
         return total / runs
 
-    def _forward(self, x: Tensor) -> Tensor:
-        if self.mode == "slide":
-            return self._slide(x)
-        return self._run(x)
-
     def _run(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp, self.amp_dtype):
             return self.model(x).float()
 
-    def _slide(self, x: Tensor) -> Tensor:
-        """Blend overlapping tiles; memory holds the logits of one image plus a few tiles."""
-        b, _, h, w = x.shape
+    def _whole(self, x: Tensor) -> Tensor:
+        return self._run(x).softmax(1)
+
+    def _tiles(self, h: int, w: int) -> tuple[int, int, list[int], list[int]]:
+        """Window size and the start rows and columns of the tiles covering an h x w image."""
         wh, ww = min(self.window[0], h), min(self.window[1], w)
-        sh = max(1, int(wh * (1 - self.overlap)))
-        sw = max(1, int(ww * (1 - self.overlap)))
+        rows = _window_starts(h, wh, max(1, int(wh * (1 - self.overlap))))
+        cols = _window_starts(w, ww, max(1, int(ww * (1 - self.overlap))))
+        return wh, ww, rows, cols
+
+    def _slide(self, x: Tensor) -> Tensor:
+        """Blend the probabilities of overlapping tiles; holds [B,K,H,W] (see stream_labels)."""
+        b, _, h, w = x.shape
+        wh, ww, rows, cols = self._tiles(h, w)
         weight = _gaussian_weight(wh, ww, x.device)
-        tiles = [(y, x0) for y in _window_starts(h, wh, sh) for x0 in _window_starts(w, ww, sw)]
+        tiles = [(y, x0) for y in rows for x0 in cols]
         out: Tensor | None = None
         norm = torch.zeros(1, 1, h, w, device=x.device)
         for group in _chunks(tiles, max(1, self.window_batch // b)):
             crops = torch.cat([x[:, :, y : y + wh, x0 : x0 + ww] for y, x0 in group])
-            logits = self._run(crops)  # [len(group) * B, K, wh, ww]
+            probs = self._whole(crops)  # [len(group) * B, K, wh, ww]
             if out is None:
-                out = torch.zeros(b, logits.shape[1], h, w, device=x.device)
+                out = torch.zeros(b, probs.shape[1], h, w, device=x.device)
             for i, (y, x0) in enumerate(group):
-                out[:, :, y : y + wh, x0 : x0 + ww] += logits[i * b : (i + 1) * b] * weight
+                out[:, :, y : y + wh, x0 : x0 + ww] += probs[i * b : (i + 1) * b] * weight
                 norm[:, :, y : y + wh, x0 : x0 + ww] += weight
         assert out is not None
         return out / norm
+
+    @torch.inference_mode()
+    def stream_labels(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Sliding-window labels for one image of any size: uint8 [1,C,H,W] (on the CPU) ->
+        (labels uint8 [H,W], confidence float16 [H,W]).
+
+        Tiles go one row of tiles at a time. Blended probabilities are kept only for the rows the
+        current row of tiles covers (K x window height x W floats); rows no later tile reaches are
+        turned into labels at once. Each tile is normalised on its own. So memory is the image,
+        3 bytes a pixel for the result and one band, not 4K bytes a pixel for K classes (17 GB
+        for a 20000x20000 image and 11 classes). Flip and scale TTA apply to each tile.
+        """
+        _, _, h, w = image.shape
+        wh, ww, rows, cols = self._tiles(h, w)
+        weight = _gaussian_weight(wh, ww, self.device)
+        labels = torch.empty(h, w, dtype=torch.uint8)
+        confidence = torch.empty(h, w, dtype=torch.float16)
+        band: Tensor | None = None  # [K, wh, W] blended probabilities of rows base .. base + wh
+        norm = torch.zeros(wh, w, device=self.device)
+        base = 0
+
+        def emit(n: int) -> None:  # rows base .. base + n are final
+            assert band is not None
+            conf, lab = (band[:, :n] / norm[:n]).max(0)
+            labels[base : base + n], confidence[base : base + n] = lab.byte().cpu(), conf.half().cpu()
+
+        for y in rows:
+            if band is not None and y > base:
+                shift = y - base
+                emit(shift)
+                band = torch.cat([band[:, shift:], band.new_zeros(band.shape[0], shift, w)], 1)
+                norm = torch.cat([norm[shift:], norm.new_zeros(shift, w)])
+                base = y
+            for group in _chunks(cols, self.window_batch):
+                crops = torch.cat([image[:, :, y : y + wh, x0 : x0 + ww] for x0 in group]).to(self.device)
+                probs = self._tta(normalize(crops, self.mean, self.std), self._whole)  # [n,K,wh,ww]
+                if band is None:
+                    band = torch.zeros(probs.shape[1], wh, w, device=self.device)
+                for tile, x0 in zip(probs, group, strict=True):
+                    band[:, :, x0 : x0 + ww] += tile * weight
+                    norm[:, x0 : x0 + ww] += weight
+        emit(h - base)
+        return labels, confidence
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from seglab.plots import blend, palette_image
+from seglab.plots import blend, blend_image, palette_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -53,7 +53,7 @@ class Result:
         out = Path(out_dir)
         written = {"mask": out / "masks" / f"{self.stem}.png", "overlay": out / "overlays" / f"{self.stem}.jpg"}
         _atomic_save(palette_image(self.mask, self.colors), written["mask"])
-        _atomic_save(Image.fromarray(self.overlay(alpha)), written["overlay"], quality=90)
+        _atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
         if confidence and self.confidence is not None:
             written["confidence"] = out / "confidence" / f"{self.stem}.png"
             _atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
