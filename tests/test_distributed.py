@@ -87,45 +87,20 @@ def test_val_on_two_ranks_equals_one_rank_exactly(tmp_path, shapes):
         tmp_path,
     )
     weights = tmp_path / "runs/train/w/weights/best.pt"
-    # 8 val images over 2 ranks, batch 3: uneven shares (4 and 4, in batches of 3 and 1) on purpose
-    args = ["val", "--weights", weights, "--batch", "3", "--workers", "0"]
-    run([sys.executable, "-m", "seglab", *args, "--name", "one"], tmp_path)
-    run([*TORCHRUN, "-m", "seglab", *args, "--name", "two"], tmp_path)
-    one = json.loads((tmp_path / "runs/val/one/metrics.json").read_text())
-    two = json.loads((tmp_path / "runs/val/two/metrics.json").read_text())
-    assert one == two
-    assert one["num_pixels"] > 0
 
+    def val_metrics(extra: list[str], name: str, ranks: int) -> dict:
+        launcher = TORCHRUN if ranks == 2 else [sys.executable]
+        run(
+            [*launcher, "-m", "seglab", "val", "--weights", weights, "--workers", "0", *extra, "--name", name], tmp_path
+        )
+        return json.loads((tmp_path / "runs/val" / name / "metrics.json").read_text())
 
-def test_val_with_an_odd_number_of_images_is_not_padded(tmp_path, shapes):
-    """7 images on 2 ranks: a padding sampler would score one image twice."""
-    run(
-        [
-            sys.executable,
-            "-m",
-            "seglab",
-            "train",
-            "--data",
-            shapes,
-            "--model",
-            "fcn",
-            "--epochs",
-            "1",
-            "--batch",
-            "4",
-            "--img-size",
-            "48",
-            "--workers",
-            "0",
-            "--name",
-            "w",
-        ],
-        tmp_path,
+    # 8 images in batches of 3: uneven batches per rank (3 + 1 each)
+    one, two = val_metrics(["--batch", "3"], "one", 1), val_metrics(["--batch", "3"], "two", 2)
+    assert one == two and one["num_pixels"] > 0
+    # 7 images on 2 ranks: a padding sampler would score one image twice
+    one, two = val_metrics(["--limit", "7"], "one7", 1), val_metrics(["--limit", "7"], "two7", 2)
+    assert (
+        one == two
+        and one["num_pixels"] < json.loads((tmp_path / "runs/val/one/metrics.json").read_text())["num_pixels"]
     )
-    weights = tmp_path / "runs/train/w/weights/best.pt"
-    args = ["val", "--weights", weights, "--limit", "7", "--workers", "0"]
-    run([sys.executable, "-m", "seglab", *args, "--name", "one"], tmp_path)
-    run([*TORCHRUN, "-m", "seglab", *args, "--name", "two"], tmp_path)
-    one = json.loads((tmp_path / "runs/val/one/metrics.json").read_text())
-    two = json.loads((tmp_path / "runs/val/two/metrics.json").read_text())
-    assert one["num_pixels"] == two["num_pixels"] and one["miou"] == two["miou"]
