@@ -64,6 +64,16 @@ def wait_for(proc: subprocess.Popen, text: str) -> None:
     pytest.fail(f"the run ended before printing {text!r}")
 
 
+def resume(last: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "seglab", "train", "--resume", str(last)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def same_weights(a: Path, b: Path) -> None:
     wa, wb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
     assert wa["epoch"] == wb["epoch"]
@@ -103,13 +113,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path, shapes, straight)
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] >= 1  # saved inside the first epoch
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "seglab", "train", "--resume", str(last)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = resume(last, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"batch {ckpt['batch_in_epoch'] + 1}" in resumed.stdout
     same_weights(straight / "weights/last.pt", last)
@@ -127,13 +131,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(tmp_path, shapes, str
     assert torch.load(last, weights_only=False)["epoch"] in (1, 2)
     assert not list(last.parent.glob(".*.tmp"))  # no half-written checkpoint left as last.pt
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "seglab", "train", "--resume", str(last)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = resume(last, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     same_weights(straight / "weights/last.pt", last)
     assert val_column(straight) == val_column(tmp_path / "runs/train/killed")
@@ -204,13 +202,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_truncated(tmp
     last = run / "weights/last.pt"
     assert torch.load(run / "weights/last.prev.pt", weights_only=False)["epoch"] == 2
     last.write_bytes(last.read_bytes()[:1000])
-    proc = subprocess.run(
-        [sys.executable, "-m", "seglab", "train", "--resume", str(last)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = resume(last, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "falling back to the previous checkpoint" in proc.stdout and "last.prev.pt" in proc.stdout
     same_weights(straight / "weights/last.pt", last)  # epoch 3 replayed exactly

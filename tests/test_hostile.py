@@ -26,6 +26,27 @@ def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     return lines[0]
 
 
+def train_tiny(data: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    """One epoch of a small FCN at 40 px: weights at cwd/runs/train/exp/weights/best.pt."""
+    return seglab(
+        "train",
+        "--data",
+        data,
+        "--model",
+        "fcn",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+        "--img-size",
+        "40",
+        "--workers",
+        "0",
+        *extra,
+        cwd=cwd,
+    )
+
+
 def folders_dataset(root: Path, n: int = 6, size: int = 40) -> Path:
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -50,23 +71,7 @@ def test_sixteen_bit_palette_rgba_and_grey_images_train_and_predict(tmp_path):
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(images[2])  # 16-bit greyscale (I;16)
     Image.fromarray(rgb).convert("L").save(images[3])  # 8-bit greyscale
     assert {Image.open(p).mode for p in images[:4]} == {"P", "RGBA", "I;16", "L"}
-    proc = seglab(
-        "train",
-        "--data",
-        data,
-        "--model",
-        "fcn",
-        "--epochs",
-        "1",
-        "--batch",
-        "2",
-        "--img-size",
-        "40",
-        "--workers",
-        "0",
-        "--strict-data",
-        cwd=tmp_path,
-    )
+    proc = train_tiny(data, tmp_path, "--strict-data")
     assert proc.returncode == 0, proc.stderr
     weights = tmp_path / "runs/train/exp/weights/best.pt"
     proc = seglab("predict", "--weights", weights, "--source", images[2], cwd=tmp_path)
@@ -94,25 +99,7 @@ def test_images_without_masks_and_masks_without_images(tmp_path):
 )
 def test_broken_png_files_in_predict(tmp_path, content, reason):
     data = folders_dataset(tmp_path / "d", n=2)
-    assert (
-        seglab(
-            "train",
-            "--data",
-            data,
-            "--model",
-            "fcn",
-            "--epochs",
-            "1",
-            "--batch",
-            "2",
-            "--img-size",
-            "40",
-            "--workers",
-            "0",
-            cwd=tmp_path,
-        ).returncode
-        == 0
-    )
+    assert train_tiny(data, tmp_path).returncode == 0
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
     one_line_error(

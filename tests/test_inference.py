@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from seglab.engine.inference import Inferencer, long_side_size, normalize
+from seglab.engine.inference import Inferencer, normalize
 
 
 class Pointwise(nn.Module):
@@ -62,12 +62,6 @@ def test_flip_tta_is_flip_equivariant():
     assert a.shape == (1, 5, 33, 47)
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a.sum(1), torch.ones(1, 33, 47), atol=1e-5)
-
-
-def test_long_side_size():
-    assert long_side_size(360, 480, 240) == (180, 240)
-    assert long_side_size(480, 360, 96) == (96, 72)
-    assert long_side_size(10, 20, None) == (10, 20)
 
 
 def test_streamed_labels_equal_the_whole_image_argmax_for_a_pointwise_model():

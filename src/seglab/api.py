@@ -49,15 +49,19 @@ def train(config: str | None = None, *, progress: bool = True, log=print, **over
     """Train a model; keyword arguments are the fields of :class:`seglab.config.TrainConfig`."""
     from seglab.engine.trainer import Trainer
 
-    cfg = resume_config(overrides) if overrides.get("resume") else load_train_config(config, **overrides)
-    out = Trainer(cfg, progress=progress, log=log).fit()
+    checkpoint = None
+    if overrides.get("resume"):
+        cfg, checkpoint = resume_config(overrides)
+    else:
+        cfg = load_train_config(config, **overrides)
+    out = Trainer(cfg, progress=progress, log=log, checkpoint=checkpoint).fit()
     return TrainRun(out["run_dir"], out["best_miou"], out["rows"], out["stopped"])
 
 
 RESUME_OVERRIDES = ("epochs", "device", "workers")
 
 
-def resume_config(overrides: dict[str, Any]) -> TrainConfig:
+def resume_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """A resumed run keeps its own settings; only where it runs and for how long may change."""
     from seglab.engine.checkpoint import load_checkpoint, previous_of
 
@@ -81,7 +85,7 @@ def resume_config(overrides: dict[str, Any]) -> TrainConfig:
         )
     saved = {**ckpt["config"], "resume": str(overrides["resume"])}
     saved.update({k: overrides[k] for k in RESUME_OVERRIDES if overrides.get(k) is not None})
-    return build_config(TrainConfig, saved, str(overrides["resume"]))
+    return build_config(TrainConfig, saved, str(overrides["resume"])), ckpt
 
 
 def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> SegModel:

@@ -49,13 +49,6 @@ def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Im
     return image
 
 
-def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8 colours; unknown indices are black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[: len(colors)] = np.asarray(colors, np.uint8)
-    return lut[mask]
-
-
 def blend_image(
     image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5
 ) -> Image.Image:

@@ -8,7 +8,6 @@ probabilities at the size it was given. Callers resize those to the label resolu
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -203,11 +202,3 @@ def resize_to(probs: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(probs.shape[-2:]) == tuple(size):
         return probs
     return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-
-
-def long_side_size(h: int, w: int, img_size: int | None) -> tuple[int, int]:
-    """The (h, w) an image of size (h, w) has once its long side is img_size."""
-    if not img_size:
-        return h, w
-    scale = img_size / max(h, w)
-    return max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5))

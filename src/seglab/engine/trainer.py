@@ -17,8 +17,6 @@ import contextlib
 import csv
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +44,7 @@ from seglab.engine.distributed import all_reduce_sum, init_distributed
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
+from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
 from seglab.losses import build_loss
 from seglab.models import build_model
@@ -99,42 +98,13 @@ def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
     return Path(out) / f"{name}{n}"
 
 
-class TrainingStopped(Exception):
-    """Raised inside the loop once a SIGINT/SIGTERM stop has been saved to last.pt."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        super().__init__(f"stopped at epoch {epoch + 1}, batch {batch}")
-        self.epoch, self.batch = epoch, batch
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGINT/SIGTERM ask the loop to save last.pt at the next optimiser step and return.
-
-    A second signal is not caught again: it interrupts at once, as the user asked twice."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-    previous: dict[int, Any] = {}
-
-    def request_stop(signum, frame):
-        trainer.stop_signal = signum
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-    for number in (signal.SIGINT, signal.SIGTERM):
-        previous[number] = signal.signal(number, request_stop)
-    try:
-        yield
-    finally:
-        for restored, handler in previous.items():
-            signal.signal(restored, handler)
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True, log=print) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, progress: bool = True, log=print, checkpoint: dict[str, Any] | None = None
+    ) -> None:
         self.progress, self.log = progress, log
-        resume_ckpt = load_checkpoint(cfg.resume) if cfg.resume else None  # see api.resume_config
+        # the checkpoint api.resume_config already read, else read it here
+        resume_ckpt = checkpoint if checkpoint is not None or not cfg.resume else load_checkpoint(cfg.resume)
         if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
@@ -416,8 +386,10 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """SIGINT/SIGTERM asks for a stop; under torchrun all ranks stop at the same step."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        return all_reduce_sum(flag).item() > 0 if self.dist.enabled else self.stop_signal is not None
+        return all_reduce_sum(flag).item() > 0
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:
