@@ -174,6 +174,7 @@ class Trainer:
         ).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.fp32_layers = self._float32_depthwise(crop, resume_ckpt)
         self.net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
         if self.dist.enabled:
             if cfg.sync_bn and self.device.type != "cuda":
@@ -271,7 +272,7 @@ class Trainer:
         """Train one epoch, validate, log, save."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        train_loss = self._train_one_epoch(epoch)
+        train_loss = self.train_epoch(epoch)
         result = None
         if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
             result = self._validate()
@@ -296,7 +297,8 @@ class Trainer:
                 f"{100 * result.metrics['pixel_accuracy']:.2f} ({row['epoch_time_s']} s{skipped})"
             )
 
-    def _train_one_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the training split (from the resumed batch, if any); returns the mean loss."""
         cfg, net = self.cfg, self.net
         net.train()
         start = self.start_batch if epoch == self.start_epoch else 0  # > 0 only when resuming mid-epoch
@@ -432,6 +434,34 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ helpers
+    def _float32_depthwise(self, crop: tuple[int, ...], resume_ckpt: dict[str, Any] | None) -> list[str]:
+        """Under bfloat16 autocast on the CPU, the depthwise convolutions that are faster in
+        float32 run in float32 (see engine/fastpath.py). Measured once per run; a resumed run
+        and every rank use the same layers, so the numerics do not change mid-run. Two fresh
+        runs may choose differently; --deterministic keeps every layer in bfloat16."""
+        cfg = self.cfg
+        if not (cfg.amp and self.device.type == "cpu" and amp_dtype(self.device, cfg.amp_dtype) == torch.bfloat16):
+            return []
+        from seglab.engine.fastpath import depthwise_convs, run_in_float32, tune_depthwise
+
+        if resume_ckpt is not None and "fp32_layers" in resume_ckpt:
+            chosen = list(resume_ckpt["fp32_layers"])
+        elif cfg.deterministic:  # a timing decides the layers, and timings vary: all stay bfloat16
+            chosen = []
+        else:
+            example = torch.zeros(cfg.batch, cfg.in_channels, *crop).contiguous(
+                memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format
+            )
+            chosen = tune_depthwise(self.model, example)
+        names = list(depthwise_convs(self.model))
+        if self.dist.enabled:  # rank 0 decides for everyone
+            flags = torch.tensor([float(n in chosen and self.dist.is_main) for n in names])
+            chosen = [n for n, f in zip(names, all_reduce_sum(flags).tolist(), strict=True) if f > 0]
+        run_in_float32(self.model, chosen)
+        if names:
+            self.log(f"amp: {len(chosen)} of {len(names)} depthwise convolutions run in float32 (faster on this CPU)")
+        return chosen
+
     def _class_weights(self, samples) -> torch.Tensor | None:
         method = self.cfg.class_weights
         if not method or method == "none":
@@ -495,6 +525,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_model": self.model.state_dict(),
+            "fp32_layers": self.fp32_layers,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
