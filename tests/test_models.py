@@ -269,3 +269,11 @@ def test_listings_match_registries() -> None:
     assert set(ENCODERS) | {"timm:<name>"} == set(encoders)
     assert encoders["resnet18"].source == "torchvision" and encoders["efficientnet_lite0"].pretrained
     assert encoders["efficientnet_lite0"].note == "weights from the installed package"
+
+
+@pytest.mark.parametrize("encoder", ["mobilenet_v3_large", "mobilenet_v3_small"])
+def test_mobilenet_batchnorm_tracks_its_statistics(encoder: str) -> None:
+    # torchvision's 0.01 lags a short segmentation run so far that eval predictions collapse
+    model = build_model("lraspp", num_classes=3, encoder=encoder)
+    momenta = {m.momentum for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.1}
