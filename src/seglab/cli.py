@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="an image, a folder of images")
     _add_inference_flags(p)
     p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (same-size images; default: 1)")
     p.add_argument("--conf", action="store_true", help="also save per-pixel confidence maps")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
     p.add_argument("--out", help="write masks/ and overlays/ here (default: runs/predict/<name>, numbered)")
@@ -209,14 +210,16 @@ def _predict(args: argparse.Namespace) -> int:
 
     if not 0 <= args.alpha <= 1:
         raise SeglabError("predict: --alpha is an opacity between 0 and 1")
+    if args.batch < 1:
+        raise SeglabError(f"predict: --batch {args.batch}: use 1 or more")
     sources = list_sources(args.source)  # fail on a bad source before anything is written
     model = load(args.weights, device=args.device, amp=args.amp)
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     from tqdm import tqdm
 
-    for path in tqdm(sources, desc="predict", disable=True if len(sources) < 2 else None):
-        result = model.predict(path, tta=args.tta, slide=args.slide, img_size=args.img_size)
-        result.save(out, confidence=args.conf, alpha=args.alpha)  # type: ignore[union-attr]
+    results = model.iter_predict(sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch)
+    for result in tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None):
+        result.save(out, confidence=args.conf, alpha=args.alpha)
     print(f"predict: {len(sources)} image(s); masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     return 0
 
