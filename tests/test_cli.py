@@ -359,6 +359,21 @@ def test_batched_prediction_equals_one_at_a_time(tmp_path, trained, shapes):
     )
 
 
+def test_the_fast_path_predicts_what_float32_predicts(trained, shapes):
+    import seglab as sl
+
+    exact, fast = sl.load(trained, device="cpu"), sl.load(trained, device="cpu", amp=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())  # folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())
+    paths = sorted((shapes / "images" / "val").glob("*.png"))
+    for a, b in zip(exact.predict(paths, confidence=True), fast.predict(paths, batch=3), strict=True):
+        assert (a.mask == b.mask).mean() > 0.98
+        assert a.confidence is not None and b.confidence is None  # no softmax unless asked
+    m_exact = exact.evaluate(shapes, workers=0, progress=False).metrics["miou"]
+    m_fast = fast.evaluate(shapes, workers=0, progress=False).metrics["miou"]
+    assert abs(m_exact - m_fast) < 0.02
+
+
 def test_predict_missing_source(tmp_path, trained):
     assert_user_error(
         seglab("predict", "--weights", trained, "--source", tmp_path / "none.png", cwd=tmp_path), "none.png"

@@ -88,3 +88,22 @@ def test_the_trainer_saves_its_float32_layers_and_a_resumed_run_keeps_them(tmp_p
     seglab.train(progress=False, log=messages.append, resume=str(run.last), epochs=2)
     assert any(f"{len(planted)} of {len(names)} depthwise" in m for m in messages), messages
     assert torch.load(run.last, weights_only=False)["fp32_layers"] == planted
+
+
+@pytest.mark.parametrize("arch, encoder", [("lraspp", "mobilenet_v3_small"), ("unet", "resnet18")])
+def test_folding_batchnorm_keeps_the_outputs(arch, encoder):
+    from seglab.engine.fastpath import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=3, encoder=encoder)
+    model.train()(torch.randn(2, 3, 64, 64))  # running statistics that are not the identity
+    model.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        folded = fold_batchnorm(model)
+        after = model(x)
+    assert folded > 0.7 * bns  # ResNet's and MobileNet's conv+BN pairs are found
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns - folded
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

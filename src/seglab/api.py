@@ -111,9 +111,10 @@ class SegModel:
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card, self.amp, self.metrics = card, amp, metrics
         self.config = config or {}  # the training config, when the checkpoint came from seglab train
-        if amp and self.device.type == "cpu":  # bfloat16 where it is faster, float32 where not
-            from seglab.engine.fastpath import tune_depthwise
+        if amp and self.device.type == "cpu":  # the CPU fast path (README: CPU fast path)
+            from seglab.engine.fastpath import fold_batchnorm, tune_depthwise
 
+            fold_batchnorm(self.model)  # so self.model no longer loads a training state_dict
             h, w = card.crop_size or [card.img_size, card.img_size]
             tune_depthwise(self.model, torch.zeros(1, card.in_channels, h, w), backward=False)
 
@@ -145,18 +146,21 @@ class SegModel:
         slide: bool = False,
         img_size: int | None = None,
         batch: int = 1,
+        confidence: bool = False,
     ) -> Result | list[Result]:
         """Predict one image (a path or an (H, W, C) uint8 array) or many (a folder or a list).
 
         The image is resized so its long side is the training ``img_size`` (or ``img_size``),
         and the mask comes back at the image's own size. ``batch`` images of the same size
-        share a forward pass (faster per image on both CPU and GPU).
+        share a forward pass (faster per image on both CPU and GPU). ``confidence`` also
+        fills ``Result.confidence``, the probability of each pixel's class (a softmax more).
         """
+        kw = dict(tta=tta, slide=slide, img_size=img_size, batch=batch, confidence=confidence)
         if isinstance(source, np.ndarray):
-            return next(self.iter_predict([source], tta=tta, slide=slide, img_size=img_size))
+            return next(self.iter_predict([source], **kw))  # type: ignore[arg-type]
         single = isinstance(source, str | Path) and not Path(source).is_dir()
         sources = list_sources(source) if isinstance(source, str | Path) else list(source)
-        results = list(self.iter_predict(sources, tta=tta, slide=slide, img_size=img_size, batch=batch))
+        results = list(self.iter_predict(sources, **kw))  # type: ignore[arg-type]
         return results[0] if single else results
 
     def iter_predict(
@@ -167,6 +171,7 @@ class SegModel:
         slide: bool = False,
         img_size: int | None = None,
         batch: int = 1,
+        confidence: bool = False,
     ) -> Iterator[Result]:
         """Results one at a time, in order; images are read only ``batch`` at a time."""
         from seglab.data import EvalTransform
@@ -183,34 +188,39 @@ class SegModel:
             else:
                 pending.append((read_image(item, self.card.in_channels), Path(item)))
             if len(pending) == batch:
-                yield from self._predict_batch(pending, inferencer, resize, slide)
+                yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
                 pending = []
-        yield from self._predict_batch(pending, inferencer, resize, slide)
+        yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
 
-    def _predict_batch(self, items, inferencer: Inferencer, resize, slide: bool) -> Iterator[Result]:
+    def _predict_batch(self, items, inferencer: Inferencer, resize, slide: bool, confidence: bool) -> Iterator[Result]:
         from seglab.data.dataset import as_tensor
 
         sizes = [image.shape[:2] for image, _ in items]
         xs = [resize.resize_image(as_tensor(image).permute(2, 0, 1)) for image, _ in items]  # [C,h,w], no copy
         if slide:  # any size in bounded memory: labels, not [K,H,W] probabilities
             for (image, path), x, (h, w) in zip(items, xs, sizes, strict=True):
-                mask, confidence = inferencer.stream_labels(x[None])
+                mask, conf = inferencer.stream_labels(x[None])
                 if mask.shape != (h, w):
                     mask = TF.resize(mask[None], [h, w], interpolation=TF.InterpolationMode.NEAREST)[0]
-                    confidence = TF.resize(confidence[None].float(), [h, w])[0].half()
-                yield self._result(image, path, mask, confidence)
+                    conf = TF.resize(conf[None].float(), [h, w])[0].half()
+                yield self._result(image, path, mask, conf if confidence else None)
             return
         same_size = len({tuple(x.shape) for x in xs}) == 1
         groups = [list(range(len(items)))] if same_size else [[i] for i in range(len(items))]
         for group in groups:
-            probs = inferencer.probabilities(torch.stack([xs[i] for i in group]))  # [B,K,h,w]
+            batch = torch.stack([xs[i] for i in group])
+            if confidence or inferencer.flip or len(inferencer.scales) > 1:
+                scores = inferencer.probabilities(batch)  # [B,K,h,w]
+            else:  # the argmax of the logits is the argmax of the softmax: skip the softmax
+                scores = inferencer.logits(batch)
             for j, i in enumerate(group):
-                confidence, mask = resize_to(probs[j : j + 1], sizes[i])[0].max(0)
-                yield self._result(items[i][0], items[i][1], mask, confidence)
+                best, mask = resize_to(scores[j : j + 1], sizes[i])[0].max(0)
+                yield self._result(items[i][0], items[i][1], mask, best if confidence else None)
 
-    def _result(self, image: np.ndarray, path: Path | None, mask: torch.Tensor, confidence: torch.Tensor) -> Result:
+    def _result(self, image: np.ndarray, path: Path | None, mask: torch.Tensor, conf: torch.Tensor | None) -> Result:
         card = self.card
-        return Result(image, mask.byte().cpu().numpy(), card.classes, card.colors, confidence.cpu().numpy(), path)
+        conf_array = conf.float().cpu().numpy() if conf is not None else None
+        return Result(image, mask.byte().cpu().numpy(), card.classes, card.colors, conf_array, path)
 
     def evaluate(
         self,

@@ -217,7 +217,9 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     from tqdm import tqdm
 
-    results = model.iter_predict(sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch)
+    results = model.iter_predict(
+        sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, confidence=args.conf
+    )
     for result in tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None):
         result.save(out, confidence=args.conf, alpha=args.alpha)
     print(f"predict: {len(sources)} image(s); masks in {out / 'masks'}, overlays in {out / 'overlays'}")

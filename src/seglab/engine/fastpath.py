@@ -22,6 +22,7 @@ numerics.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 
@@ -109,3 +110,33 @@ def tune_depthwise(
             chosen.append(name)
     run_in_float32(model, chosen)
     return chosen
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into the convolution.
+
+    Inference only: the BatchNorm becomes an ``nn.Identity`` and the convolution's weight and bias
+    absorb its scale and shift, so one pass over each feature map disappears. Pairs are found
+    as neighbours in an ``nn.Sequential`` (torchvision's Conv2dNormActivation, decoder blocks) and
+    as ``convN``/``bnN`` attributes (ResNet blocks). Returns how many were folded. The model's
+    ``state_dict`` changes (no BatchNorm entries), so fold a model that is only used to predict.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for parent in list(model.modules()):
+        pairs: list[tuple[str, str]] = []
+        children = list(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            pairs += [(a, b) for (a, _), (b, _) in itertools.pairwise(children)]
+        names = dict(children)
+        pairs += [(f"conv{i}", f"bn{i}") for i in range(1, 4) if f"conv{i}" in names and f"bn{i}" in names]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if type(conv) in (nn.Conv2d, Float32Conv2d) and type(bn) is nn.BatchNorm2d and not bn.training:
+                fused = fuse_conv_bn_eval(conv, bn)
+                fused.__class__ = type(conv)
+                setattr(parent, conv_name, fused)
+                setattr(parent, bn_name, nn.Identity())
+                folded += 1
+    return folded

@@ -93,6 +93,12 @@ class Inferencer:
         x = normalize(images.to(self.device), self.mean, self.std)
         return self._tta(x, self._slide if self.mode == "slide" else self._whole)
 
+    @torch.inference_mode()
+    def logits(self, images: Tensor) -> Tensor:
+        """uint8 [B,C,H,W] -> the model's scores [B,K,H,W] (autocast dtype), whole image, no TTA:
+        the cheapest way to labels (their argmax) when no probabilities are needed."""
+        return self._run(normalize(images.to(self.device), self.mean, self.std), cast=False)
+
     def _tta(self, x: Tensor, forward) -> Tensor:
         """Average ``forward``'s probabilities over the flips and scales asked for."""
         _, _, h, w = x.shape
@@ -113,11 +119,12 @@ class Inferencer:
         assert total is not None
         return total / runs
 
-    def _run(self, x: Tensor) -> Tensor:
+    def _run(self, x: Tensor, cast: bool = True) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp, self.amp_dtype):
-            return self.model(x).float()
+            out = self.model(x)
+        return out.float() if cast else out
 
     def _whole(self, x: Tensor) -> Tensor:
         return self._run(x).softmax(1)
