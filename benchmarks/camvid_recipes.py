@@ -1,0 +1,165 @@
+"""By-hand benchmark: the shipped CamVid recipes, val mIoU against wall-clock minutes, over seeds.
+
+Not a test. Trains each recipe (a config in configs/) once per seed with ``seglab train``, one
+run after another so each has the machine to itself, then reads every run's metrics.csv and
+best.pt and prints:
+
+  - the final and best val mIoU per run, mean over seeds, and the training minutes;
+  - val mIoU per class of each run's best weights;
+  - val mIoU against cumulative wall-clock minutes (epoch times, validation included),
+    drawn to benchmarks/results/camvid_recipes.png.
+
+    python benchmarks/camvid_recipes.py [--recipes pretrained scratch] [--seeds 0 1] [--report-only]
+
+``--report-only`` skips training and reports the runs already in runs/train/ (named
+``<recipe name>_seed<N>``). Writes benchmarks/results/camvid_recipes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "pretrained": ROOT / "configs" / "camvid_lraspp_lite0.yaml",
+    "scratch": ROOT / "configs" / "camvid_lraspp_scratch.yaml",
+}
+
+
+def run_dir(recipe: str, seed: int) -> Path:
+    name = yaml.safe_load(RECIPES[recipe].read_text())["name"]
+    return ROOT / "runs" / "train" / f"{name}_seed{seed}"
+
+
+def train(recipe: str, seed: int) -> None:
+    out = run_dir(recipe, seed)
+    cmd = [
+        sys.executable,
+        "-m",
+        "seglab",
+        "train",
+        "--config",
+        str(RECIPES[recipe]),
+        "--seed",
+        str(seed),
+        "--name",
+        out.name,
+        "--out",
+        str(out.parent),
+        "--exist-ok",
+    ]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def read_run(recipe: str, seed: int) -> dict | None:
+    folder = run_dir(recipe, seed)
+    if not (folder / "metrics.csv").is_file():
+        return None
+    with (folder / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    minutes, curve = 0.0, []
+    for row in rows:
+        minutes += float(row["epoch_time_s"]) / 60
+        if row["val_miou"]:
+            curve.append((round(minutes, 2), 100 * float(row["val_miou"])))
+    best = torch.load(folder / "weights" / "best.pt", map_location="cpu", weights_only=False)
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "run": str(folder.relative_to(ROOT)),
+        "epochs": len(rows),
+        "minutes": round(minutes, 1),
+        "final_miou": curve[-1][1],
+        "best_miou": 100 * best["metrics"]["miou"],
+        "per_class_iou": {name: 100 * (c["iou"] or 0.0) for name, c in best["metrics"]["per_class"].items()},
+        "curve": curve,
+    }
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs, ys = zip(*r["curve"], strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['recipe']} seed {r['seed']}")
+    ax.axhline(60, color="grey", linestyle="--", linewidth=1, label="goal: 60 mIoU")
+    ax.set(
+        xlabel="wall-clock training minutes (validation included)",
+        ylabel="CamVid val mIoU",
+        title="seglab CamVid recipes on a 2-core CPU",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--report-only", action="store_true", help="report existing runs, train nothing")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "camvid_recipes.json"))
+    args = parser.parse_args()
+
+    if not args.report_only:
+        for recipe in args.recipes:
+            for seed in args.seeds:
+                train(recipe, seed)
+    runs = [r for recipe in args.recipes for seed in args.seeds if (r := read_run(recipe, seed))]
+    if not runs:
+        sys.exit("no finished runs to report; run without --report-only first")
+
+    print("\n| recipe | seed | epochs | training minutes | final val mIoU | best val mIoU |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        print(
+            f"| {r['recipe']} | {r['seed']} | {r['epochs']} | {r['minutes']} | {r['final_miou']:.2f} | "
+            f"{r['best_miou']:.2f} |"
+        )
+    for recipe in args.recipes:
+        finals = [r["final_miou"] for r in runs if r["recipe"] == recipe]
+        if len(finals) > 1:
+            print(f"| {recipe} | mean ± sd | | | {statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} | |")
+
+    classes = list(runs[0]["per_class_iou"])
+    print("\n| recipe | seed | " + " | ".join(classes) + " |")
+    print("|---|---|" + "---|" * len(classes))
+    for r in runs:
+        cells = " | ".join(f"{r['per_class_iou'][c]:.1f}" for c in classes)
+        print(f"| {r['recipe']} | {r['seed']} | {cells} |")
+
+    print("\nval mIoU against wall-clock minutes:")
+    for r in runs:
+        print(f"  {r['recipe']} seed {r['seed']}: " + ", ".join(f"{m:.0f} min {v:.1f}" for m, v in r["curve"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, out.with_suffix(".png"))
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "recipes": {k: str(v.relative_to(ROOT)) for k, v in RECIPES.items() if k in args.recipes},
+        "runs": runs,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
