@@ -107,3 +107,9 @@ def test_folding_batchnorm_keeps_the_outputs(arch, encoder):
     assert folded > 0.7 * bns  # ResNet's and MobileNet's conv+BN pairs are found
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns - folded
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_depthwise_convolutions_is_left_alone():
+    model = build_model("fcn", num_classes=3, encoder="resnet18")
+    assert depthwise_convs(model) == {}
+    assert tune_depthwise(model, torch.zeros(1, 3, 32, 32)) == []

@@ -85,6 +85,8 @@ def tune_depthwise(
     are of forward + backward for training, of the forward alone with ``backward=False``.
     """
     convs = depthwise_convs(model)
+    if not convs:  # ResNet, VGG: nothing to decide, no forward pass needed
+        return []
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):
