@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import platform
 import statistics
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
+from common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -151,13 +149,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, out.with_suffix(".png"))
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "recipes": {k: str(v.relative_to(ROOT)) for k, v in RECIPES.items() if k in args.recipes},
-        "runs": runs,
-    }
-    out.write_text(json.dumps(result, indent=2))
+    recipes = {k: str(v.relative_to(ROOT)) for k, v in RECIPES.items() if k in args.recipes}
+    write_result(out, recipes=recipes, runs=runs)
     print(f"\nwritten {out} and {out.with_suffix('.png')}")
 
 

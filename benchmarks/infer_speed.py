@@ -26,12 +26,9 @@ Prints a table and writes benchmarks/results/infer_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +36,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import write_result
+
 import seglab
 from seglab.api import SegModel
 from seglab.data import get_split, resolve_dataset
@@ -192,15 +191,7 @@ def main() -> None:
             f"\nCamVid val mIoU: float32 {accuracy['val_miou']['float32']:.2f}, seglab fast path "
             f"{accuracy['val_miou']['seglab fast path']:.2f} ({accuracy['difference']:+.2f})"
         )
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-        "rows": rows,
-        "accuracy": accuracy,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, rows=rows, accuracy=accuracy)
     print(f"\nwritten {args.out}")
 
 

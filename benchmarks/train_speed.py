@@ -30,13 +30,10 @@ Prints a table and writes benchmarks/results/train_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -44,8 +41,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import write_result
+
 from seglab.config import TrainConfig
-from seglab.data import SegmentationDataset, TrainTransform, get_split, resolve_dataset
+from seglab.data import EpochSampler, SegmentationDataset, TrainTransform, get_split, resolve_dataset
 from seglab.data.dataset import build_loader
 from seglab.engine.inference import normalize
 from seglab.engine.trainer import Trainer
@@ -59,6 +58,11 @@ MODELS = {
     "deeplabv3plus": "mobilenet_v3_large",
 }
 IMG_SIZE, CROP, BATCH, LR, SEED = 480, (360, 480), 8, 1e-3, 0
+
+
+def train_transform(spec) -> TrainTransform:
+    """The augmentation of TrainConfig's defaults (scale 0.5-2, flip 0.5, jitter 0.2), as the Trainer builds it."""
+    return TrainTransform(IMG_SIZE, CROP, (0.5, 2.0), 0.5, 0.2, spec.ignore_index)
 
 
 class StepClock:
@@ -102,9 +106,7 @@ def step_gflop(model: nn.Module) -> float:
 
 def baseline(args, model: nn.Module, spec, samples, n_steps: int) -> dict:
     """torchvision's reference loop, as people copy it: fp32, contiguous, PNGs decoded every time."""
-    dataset = SegmentationDataset(
-        samples, spec, TrainTransform(IMG_SIZE, CROP, (0.5, 2.0), 0.5, 0.2, spec.ignore_index)
-    )
+    dataset = SegmentationDataset(samples, spec, train_transform(spec))
     dataset.set_epoch(SEED * 100_003)  # the very augmentation the seglab run draws
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -130,8 +132,6 @@ def baseline(args, model: nn.Module, spec, samples, n_steps: int) -> dict:
 
 def seglab_order(n: int):
     """The Trainer's epoch-0 order (EpochSampler with the same seed), so both see the same batches."""
-    from seglab.data import EpochSampler
-
     sampler = EpochSampler(n, batch=BATCH, shuffle=True, seed=SEED, drop_last=True)
     sampler.set_epoch(0)
     return sampler
@@ -179,8 +179,7 @@ def _recording(loss_fn, losses: list[float]):
 
 def loader_rate(spec, samples, workers: int, cache: bool) -> float:
     """Images/s the DataLoader alone delivers: decode (unless cached) + augmentation + collate."""
-    tf = TrainTransform(IMG_SIZE, CROP, (0.5, 2.0), 0.5, 0.2, spec.ignore_index)
-    dataset = SegmentationDataset(samples, spec, tf, cache=cache)
+    dataset = SegmentationDataset(samples, spec, train_transform(spec), cache=cache)
     loader = build_loader(dataset, batch=BATCH, shuffle=True, workers=workers, ignore_index=spec.ignore_index, seed=0)
     t, n = None, 0
     for i, batch in enumerate(loader):
@@ -269,24 +268,14 @@ def main() -> None:
     print("|---|---|")
     for name, rate in pipeline.items():
         print(f"| {name} | {rate:.1f} |")
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "settings": {
-            "batch": BATCH,
-            "crop": CROP,
-            "img_size": IMG_SIZE,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "workers": args.workers,
-        },
-        "matmul_peak_gflops": peak,
-        "models": rows,
-        "data_pipeline_images_per_s": pipeline,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    settings = {"batch": BATCH, "crop": CROP, "img_size": IMG_SIZE, "steps": args.steps, "warmup": args.warmup}
+    write_result(
+        args.out,
+        settings={**settings, "workers": args.workers},
+        matmul_peak_gflops=peak,
+        models=rows,
+        data_pipeline_images_per_s=pipeline,
+    )
     print(f"\nwritten {args.out}")
 
 

@@ -155,12 +155,16 @@ class SegModel:
         share a forward pass (faster per image on both CPU and GPU). ``confidence`` also
         fills ``Result.confidence``, the probability of each pixel's class (a softmax more).
         """
-        kw = dict(tta=tta, slide=slide, img_size=img_size, batch=batch, confidence=confidence)
+        sources: list[str | Path | np.ndarray]
         if isinstance(source, np.ndarray):
-            return next(self.iter_predict([source], **kw))  # type: ignore[arg-type]
-        single = isinstance(source, str | Path) and not Path(source).is_dir()
-        sources = list_sources(source) if isinstance(source, str | Path) else list(source)
-        results = list(self.iter_predict(sources, **kw))  # type: ignore[arg-type]
+            sources, single = [source], True
+        elif isinstance(source, str | Path):
+            sources, single = [*list_sources(source)], not Path(source).is_dir()
+        else:
+            sources, single = list(source), False
+        results = list(
+            self.iter_predict(sources, tta=tta, slide=slide, img_size=img_size, batch=batch, confidence=confidence)
+        )
         return results[0] if single else results
 
     def iter_predict(
