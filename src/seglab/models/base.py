@@ -77,13 +77,24 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"{self.arch} expects input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         s = self.output_stride
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return self._forward_exported(x, h, w, s)
         # At least 2 strides per side: C5 is then >= 2x2, so BatchNorm on it works in training
         # with batch size 1 (a 1x1 map with batch 1 has a single value per channel).
-        padded_h, padded_w = max(-(-h // s) * s, 2 * s), max(-(-w // s) * s, 2 * s)
+        # (h + s - 1) // s, not -(-h // s): ONNX divides integers towards zero, so an exported
+        # -(-h // s) rounds the wrong way for every h that is not a multiple of s.
+        padded_h, padded_w = max((h + s - 1) // s * s, 2 * s), max((w + s - 1) // s * s, 2 * s)
         x = F.pad(x, (0, padded_w - w, 0, padded_h - h))
         logits = self.decode(self.forward_features(x))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    def _forward_exported(self, x: torch.Tensor, h, w, s: int) -> torch.Tensor:
+        """The same computation with no Python branch on the input size, so that a traced or
+        exported graph computes the padding from the shape it is given, whatever that is."""
+        x = F.pad(x, (0, (s - w % s) % s, 0, (s - h % s) % s))
+        logits = F.interpolate(self.decode(self.forward_features(x)), size=x.shape[-2:], mode="bilinear")
         return logits[..., :h, :w]
 
 

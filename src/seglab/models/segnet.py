@@ -141,6 +141,21 @@ class SegNet(SegmentationModel):
         maps, indices, sizes = features
         x = maps[-1]  # C5 [B, 512, H/32, W/32]
         for k in reversed(range(len(self.decoder))):
-            x = F.max_unpool2d(x, indices[k], (2, 2), (2, 2), output_size=sizes[k])
+            if torch.jit.is_tracing():
+                x = unpool_2x2(x, indices[k])
+            else:
+                x = F.max_unpool2d(x, indices[k], (2, 2), (2, 2), output_size=sizes[k])
             x = self.decoder[k](x)
         return x  # [B, K, H, W]
+
+
+def unpool_2x2(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``max_unpool2d`` for 2x2 windows, built from ops every exporter knows (ONNX has no
+    traceable unpooling): each value is copied over its window and kept only where the flat
+    index of the position is the one max-pooling recorded. Exact when the size doubles, which
+    it does here (inputs are padded to a multiple of 32)."""
+    b, c, h, w = x.shape
+    up = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    where = indices[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    position = torch.arange(4 * h * w, device=x.device).reshape(1, 1, 2 * h, 2 * w)
+    return up * (where == position).to(up.dtype)
