@@ -79,3 +79,53 @@ def tiny_dataset(tmp_path: Path) -> Path:
         _write_png(root / "images" / split / f"{name}.png", rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
         _write_png(root / "masks" / split / f"{name}.png", mask, "L")
     return root
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+CAMVID_CLASSES = [
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+]  # fmt: skip
+CAMVID_COLORS = [
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+]  # fmt: skip
+
+MakeCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
+    """``make_checkpoint(arch, encoder=None, img_size=64, seed=0) -> best.pt``: a seglab checkpoint with
+    random weights and CamVid's 11 classes and colours, in seconds (no training)."""
+    import torch
+
+    from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
+    from seglab.models import MODELS
+
+    def make(arch: str, encoder: str | None = None, img_size: int = 64, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        card = ModelCard(
+            arch=arch,
+            encoder=encoder or MODELS[arch].default_encoder,
+            num_classes=11,
+            in_channels=3,
+            classes=CAMVID_CLASSES,
+            colors=CAMVID_COLORS,
+            ignore_index=11,
+            mean=[0.485, 0.456, 0.406],
+            std=[0.229, 0.224, 0.225],
+            img_size=img_size,
+            crop_size=[img_size * 3 // 4, img_size],
+        )
+        model = card.build().eval()
+        with torch.no_grad():  # BatchNorm statistics away from the identity, as after training
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        path = tmp_path / "ckpt" / f"{arch}-{card.encoder}-{seed}.pt"
+        save_checkpoint(path, make_payload(model, card, config={}, metrics=None))
+        return path
+
+    return make

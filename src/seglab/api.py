@@ -89,7 +89,17 @@ def resume_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any
 
 
 def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> SegModel:
-    """Load a seglab checkpoint (``best.pt`` / ``last.pt``) for prediction and evaluation."""
+    """Load a seglab checkpoint (``best.pt`` / ``last.pt``), or a seglab export (``.onnx``, run by
+    ONNX Runtime; ``.torchscript``; ``.pt2``), for prediction and evaluation."""
+    from seglab.deploy.runtime import exported_format, load_exported
+
+    if exported_format(weights):
+        if amp:
+            raise SeglabError(f"--amp applies to checkpoints; {weights} runs in the precision it was exported in")
+        module, card, meta = load_exported(weights, resolve_device(device))
+        backend = {"onnx": "onnxruntime"}.get(meta["format"], meta["format"])
+        config = {"data": meta.get("data")}
+        return SegModel(module, card, device=device, metrics=meta.get("metrics"), config=config, backend=backend)
     model, card, ckpt = load_model(weights)
     return SegModel(model, card, device=device, amp=amp, metrics=ckpt.get("metrics"), config=ckpt.get("config"))
 
@@ -106,8 +116,10 @@ class SegModel:
         amp: bool = False,
         metrics: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        backend: str = "pytorch",
     ) -> None:
         self.device = resolve_device(device)
+        self.backend = backend  # pytorch, or the runtime of an exported file (onnxruntime, torchscript, ...)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card, self.amp, self.metrics = card, amp, metrics
         self.config = config or {}  # the training config, when the checkpoint came from seglab train

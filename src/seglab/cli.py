@@ -18,6 +18,8 @@ from seglab.config import TrainConfig, field_help
 from seglab.errors import SeglabError
 from seglab.registry import did_you_mean
 
+EXPORT_FORMATS = ("onnx", "torchscript", "torch-export")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but every mistake is one line with a suggestion and exit status 2."""
@@ -109,6 +111,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: a 2-minute budget)")
 
     command("models", "list architectures and encoders")
+
+    p = command("export", "export weights to ONNX, TorchScript or torch.export, with a parity check")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="onnx, torchscript or torch-export")
+    p.add_argument("--out", metavar="FILE", help="the exported file (default: next to the weights)")
+    p.add_argument("--dynamic", action="store_true", help="any batch size and image size (default: fixed)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size at the fixed image size")
+    p.add_argument("--half", action="store_true", help="float16 weights and activations")
+    p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="input H W (default: the training crop)")
+    p.add_argument("--batch", type=int, default=1, help="input batch size when not --dynamic (default: 1)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--data", help="images for the parity check (default: the training data's val split)")
+    p.add_argument("--check-images", type=int, default=8, help="images in the parity check (default: 8)")
+
+    p = command("quantize", "int8 post-training quantisation of an ONNX export, with a report")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or its ONNX export")
+    p.add_argument("--data", help="calibration and evaluation data (default: the training data)")
+    p.add_argument("--calib", type=int, default=64, help="calibration images from the train split (default: 64)")
+    p.add_argument(
+        "--method", default="minmax", choices=["minmax", "entropy", "percentile"], help="calibration (default: minmax)"
+    )
+    p.add_argument(
+        "--quant-format",
+        default="qdq",
+        choices=["qdq", "qoperator"],
+        help="qdq (default; also what TensorRT reads) or qoperator (fixed-shape exports only)",
+    )
+    p.add_argument("--out", metavar="FILE", help="the int8 ONNX file (default: next to the weights)")
+    p.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure size, speed and val mIoU against the float model (default: on)",
+    )
+    p.add_argument("--limit", type=int, help="report: evaluate only the first N val images")
+    p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
+
+    from seglab.deploy.prune_command import add_arguments as add_prune_arguments
+    from seglab.serve.command import add_arguments as add_serve_arguments
+
+    add_prune_arguments(command("prune", "remove channels, fine-tune, and report size, speed and mIoU"))
+    add_serve_arguments(command("serve", "serve a model over HTTP, with a page at /"))
     return parser
 
 
@@ -263,7 +307,66 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines)
 
 
-COMMANDS = {"train": _train, "val": _val, "predict": _predict, "data": _data, "demo": _demo, "models": _models}
+def _export(args: argparse.Namespace) -> int:
+    from seglab.deploy.export import export
+
+    export(
+        args.weights,
+        format=args.format,
+        out=args.out,
+        dynamic=args.dynamic,
+        dynamic_batch=args.dynamic_batch,
+        half=args.half,
+        img_size=args.img_size,
+        batch=args.batch,
+        opset=args.opset,
+        data=args.data,
+        check_images=args.check_images,
+    )
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from seglab.deploy.quantize import quantize
+
+    quantize(
+        args.weights,
+        data=args.data,
+        calib=args.calib,
+        method=args.method,
+        quant_format=args.quant_format,
+        out=args.out,
+        report=args.report,
+        limit=args.limit,
+        data_cache=args.data_cache,
+    )
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from seglab.deploy.prune_command import run
+
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from seglab.serve.command import run
+
+    return run(args)
+
+
+COMMANDS = {
+    "train": _train,
+    "val": _val,
+    "predict": _predict,
+    "data": _data,
+    "demo": _demo,
+    "models": _models,
+    "export": _export,
+    "quantize": _quantize,
+    "prune": _prune,
+    "serve": _serve,
+}
 
 
 if __name__ == "__main__":

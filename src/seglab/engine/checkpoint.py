@@ -4,11 +4,14 @@ A checkpoint holds the model's weights and its recipe (architecture, encoder, cl
 colours, ignore index, preprocessing), the resolved training config and the metrics it
 reached, so ``val``, ``predict`` and ``export`` need nothing but the file. Training
 state (optimiser, scheduler, scaler, EMA, RNG) rides along in ``last.pt`` for ``--resume``.
+A model whose layers no longer match its recipe (a pruned one, see ``seglab prune``) is also
+stored as the pickled module itself, under ``"module"``, and rebuilt from it.
 Files are written to a temporary name and renamed, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
@@ -80,9 +83,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], *, keep_previous:
         raise
 
 
-def make_payload(model: nn.Module, card: ModelCard, **extra: Any) -> dict[str, Any]:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format_version": FORMAT_VERSION, "card": asdict(card), "model": state, **extra}
+def make_payload(model: nn.Module, card: ModelCard, *, with_module: bool = False, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict: card, weights and ``extra``. ``with_module`` also stores the module
+    itself, for a model that ``card.build()`` cannot rebuild (a pruned one)."""
+    payload: dict[str, Any] = {"format_version": FORMAT_VERSION, "card": asdict(card)}
+    if with_module:
+        from seglab.engine.fastpath import run_in_float32
+
+        model = copy.deepcopy(model).cpu()
+        run_in_float32(model, [])  # plain Conv2d classes again: which layers run in float32 is one run's choice
+        payload["module"] = model
+    # with a module, these share its storage, so the file still holds each weight once
+    payload["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {**payload, **extra}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -110,7 +123,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
     ckpt = load_checkpoint(path)
     card = ModelCard(**ckpt["card"])
     card.colors = [tuple(c) for c in card.colors]  # type: ignore[misc]
-    model = card.build()
+    model = ckpt["module"] if "module" in ckpt else card.build()
+    if not isinstance(model, nn.Module):
+        raise SeglabError(f"{path}: its 'module' entry is a {type(model).__name__}, not a model; re-save the weights")
     load_weights(model, ckpt["model"], source=str(path))
     model.eval()
     return model, card, ckpt

@@ -47,7 +47,7 @@ from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
 from seglab.losses import build_loss
-from seglab.models import build_model
+from seglab.models import SegmentationModel, build_model
 from seglab.plots import plot_curves
 
 CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_pixel_accuracy", "lr", "epoch_time_s"]
@@ -99,12 +99,24 @@ def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
 
 
 class Trainer:
+    """Train ``cfg.model`` from scratch, or go on training ``model`` when one is given (a pruned
+    model being fine-tuned: its checkpoints then carry the module itself, see checkpoint.py)."""
+
     def __init__(
-        self, cfg: TrainConfig, *, progress: bool = True, log=print, checkpoint: dict[str, Any] | None = None
+        self,
+        cfg: TrainConfig,
+        *,
+        progress: bool = True,
+        log=print,
+        checkpoint: dict[str, Any] | None = None,
+        model: SegmentationModel | None = None,
     ) -> None:
         self.progress, self.log = progress, log
         # the checkpoint api.resume_config already read, else read it here
         resume_ckpt = checkpoint if checkpoint is not None or not cfg.resume else load_checkpoint(cfg.resume)
+        if model is None and resume_ckpt is not None and "module" in resume_ckpt:
+            model = resume_ckpt["module"]  # resuming the fine-tune of a pruned model
+        self.with_module = model is not None  # card.build() cannot rebuild it: save the module too
         if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
@@ -165,13 +177,20 @@ class Trainer:
             )
 
         # ---- model, loss, optimiser, schedule
-        self.model = build_model(
-            cfg.model,
-            num_classes=spec.num_classes,
-            in_channels=cfg.in_channels,
-            encoder=cfg.encoder,
-            encoder_weights=cfg.encoder_weights,
-        ).to(self.device)
+        if model is None:
+            model = build_model(
+                cfg.model,
+                num_classes=spec.num_classes,
+                in_channels=cfg.in_channels,
+                encoder=cfg.encoder,
+                encoder_weights=cfg.encoder_weights,
+            )
+        elif getattr(model, "num_classes", spec.num_classes) != spec.num_classes:
+            raise SeglabError(
+                f"the model predicts {model.num_classes} classes and {cfg.data} has {spec.num_classes}; "
+                "fine-tune on the data it was trained on (--data)"
+            )
+        self.model = model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fp32_layers = self._float32_depthwise(crop, resume_ckpt)
@@ -494,7 +513,10 @@ class Trainer:
             self._save_state(weights / f"epoch{epoch + 1}.pt", epoch + 1, 0, None, result)  # resumable too
         if improved:
             lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": result.metrics if result else None}
-            save_checkpoint(weights / "best.pt", make_payload(self._shipped_model(), self.card, **lean))
+            save_checkpoint(
+                weights / "best.pt",
+                make_payload(self._shipped_model(), self.card, with_module=self.with_module, **lean),
+            )
         if self.cfg.plots:
             plot_curves(self.rows, self.run_dir / "curves.png")
 
@@ -534,7 +556,8 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        save_checkpoint(path, make_payload(self._shipped_model(), self.card, **state), keep_previous=True)
+        payload = make_payload(self._shipped_model(), self.card, with_module=self.with_module, **state)
+        save_checkpoint(path, payload, keep_previous=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["train_model"])

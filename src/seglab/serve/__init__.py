@@ -1,0 +1,1 @@
+"""`seglab serve`: a FastAPI application around a SegModel."""
