@@ -34,7 +34,7 @@ from seglab.models.encoders import probe
 STEP = 0.02  # fraction of every layer's channels removed per step
 MAX_RATIO = 0.9  # never remove more than this fraction of a layer's channels
 FINETUNE_WARMUP = 0.2  # epochs of learning-rate warm-up in the fine-tune (a fresh optimiser)
-FINETUNE_LR_SCALE = 0.5  # fine-tune lr = the training run's x this; x0.25 recovered less (docs/_prune_section.md)
+FINETUNE_LR_SCALE = 0.5  # fine-tune lr = the training run's x this; x0.25 recovered less (README: Prune)
 
 # Architectures whose channels are coupled in a way the dependency graph cannot see, by registered name.
 UNPRUNABLE = {

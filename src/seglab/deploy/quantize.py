@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from seglab.deploy.report import Measurement, format_report, measure, write_repo
 from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata
 from seglab.engine.checkpoint import ModelCard
 from seglab.errors import SeglabError
+
+if TYPE_CHECKING:
+    import onnx
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANT_FORMATS = ("qdq", "qoperator")
@@ -158,6 +162,7 @@ def _calibration(
 
 
 def _quantize_static(source: Path, prepared: Path, target: Path, images, method: str, quant_format: str) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -174,8 +179,10 @@ def _quantize_static(source: Path, prepared: Path, target: Path, images, method:
         warnings.simplefilter("ignore")
         # Fold constants and fuse Conv+BN before calibration, so ranges are those of the fused graph.
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        _untangle(prepared)
-        keep_float = _classifier_convs(prepared) + _shape_arithmetic(prepared)
+        proto = onnx.load(str(prepared))
+        _untangle(proto.graph)
+        onnx.save(proto, str(prepared))
+        keep_float = _classifier_convs(proto.graph) + _shape_arithmetic(proto.graph)
         ort_quantize_static(
             str(prepared),
             str(target),
@@ -193,15 +200,12 @@ def _quantize_static(source: Path, prepared: Path, target: Path, images, method:
         )
 
 
-def _classifier_convs(path: Path) -> list[str]:
+def _classifier_convs(graph: onnx.GraphProto) -> list[str]:
     """The convolutions that produce the logits, found by walking back from the graph's output
     through everything that is not a convolution (upsampling, adds, slices).
 
     They stay float: rounding logits to 256 levels flips the argmax wherever two classes are
     close, which is along every boundary, and they are a sliver of the compute."""
-    import onnx
-
-    graph = onnx.load(str(path)).graph
     producer = {out: node for node in graph.node for out in node.output}
     found, stack, seen = [], [o.name for o in graph.output], set()
     while stack:
@@ -216,15 +220,12 @@ def _classifier_convs(path: Path) -> list[str]:
     return found
 
 
-def _shape_arithmetic(path: Path) -> list[str]:
+def _shape_arithmetic(graph: onnx.GraphProto) -> list[str]:
     """Nodes that compute sizes, not pixels: everything downstream of a Shape op that no image
     tensor flows into (the padding a dynamic-shape export works out at run time).
 
     Quantising them rounds a padding of 8 pixels to 7.97 or 8.03, and the feature maps stop
     lining up: on the CamVid LR-ASPP-Lite0 that alone cost 2.6 mIoU points."""
-    import onnx
-
-    graph = onnx.load(str(path)).graph
     image = {i.name for i in graph.input}  # tensors that carry pixels
     nodes = []
     for node in graph.node:  # the exporter writes nodes in topological order
@@ -235,7 +236,7 @@ def _shape_arithmetic(path: Path) -> list[str]:
     return nodes
 
 
-def _untangle(path: Path) -> None:
+def _untangle(graph: onnx.GraphProto) -> None:
     """Work around ONNX Runtime's quantiser on graphs with shape arithmetic (dynamic padding).
 
     Its topological sort counts a node's inputs with repeats, so a node that reads one tensor
@@ -243,11 +244,8 @@ def _untangle(path: Path) -> None:
     and a Constant node shared by two quantised nodes is quantised twice. Each repeated input is
     read through its own Identity, and Constant nodes become initialisers, which it handles.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
-    proto = onnx.load(str(path))
-    graph = proto.graph
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
@@ -264,7 +262,6 @@ def _untangle(path: Path) -> None:
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save(proto, str(path))
 
 
 def _copy_metadata(path: Path, meta: dict, method: str, quant_format: str, calib: int) -> None:

@@ -59,6 +59,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({str(e).splitlines()[0][:80]})") from None
     except Exception as e:  # onnx raises its own DecodeError for a damaged protobuf
         raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({type(e).__name__})") from None
+    return _parse_metadata(text, path)
+
+
+def _parse_metadata(text: str | None, path: Path) -> dict[str, Any]:
     if not text:
         raise SeglabError(f"{path} carries no seglab metadata (classes, preprocessing); export it with seglab export")
     return json.loads(text)
@@ -66,21 +70,27 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_exported(path: str | Path, device: torch.device) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
     """(a module mapping normalised images to logits, its card, the file's metadata)."""
-    meta = read_metadata(path)
+    path = Path(path)
+    module: nn.Module
+    if exported_format(path) == "onnx":  # the session has parsed the file: take the metadata from it
+        if not path.is_file():
+            raise SeglabError(f"model file not found: {path}")
+        module = OrtModule(path, device)
+        meta = _parse_metadata(module.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
+    else:
+        meta = read_metadata(path)
+        module = _load_pytorch_export(path, device, meta.get("half", False))
     card = ModelCard(**meta["card"])
     card.colors = [tuple(c) for c in card.colors]  # type: ignore[misc]
-    fmt = exported_format(path)
-    module: nn.Module
-    if fmt == "onnx":
-        module = OrtModule(path, device)
-    elif fmt == "torchscript":
+    return module, card, meta
+
+
+def _load_pytorch_export(path: Path, device: torch.device, half: bool) -> nn.Module:
+    if exported_format(path) == "torchscript":
         with warnings.catch_warnings():  # TorchScript's deprecation notice, on every load
             warnings.simplefilter("ignore", FutureWarning)
-            module = _HalfIO(torch.jit.load(str(path), map_location=device), meta.get("half", False))
-    else:
-        program = torch.export.load(str(path))
-        module = _HalfIO(program.module(), meta.get("half", False)).to(device)
-    return module, card, meta
+            return _HalfIO(torch.jit.load(str(path), map_location=device), half)
+    return _HalfIO(torch.export.load(str(path)).module(), half).to(device)
 
 
 class _HalfIO(nn.Module):
