@@ -32,9 +32,10 @@ TTA_SCALES = (0.75, 1.0, 1.25)
 @dataclass
 class TrainRun:
     run_dir: Path
-    best_miou: float
+    best_miou: float  # semantic runs; -1 for detectors
     rows: list[dict[str, Any]]
     stopped: int | None = None  # the signal that stopped the run early (its last.pt resumes it)
+    best_ap: float | None = None  # instance / detect runs: the best val mask AP (box AP for detect)
 
     @property
     def best(self) -> Path:
@@ -54,6 +55,11 @@ def train(config: str | None = None, *, progress: bool = True, log=print, **over
         cfg, checkpoint = resume_config(overrides)
     else:
         cfg = load_train_config(config, **overrides)
+    if cfg.task != "semantic":
+        from seglab.instance.trainer import InstanceTrainer
+
+        out = InstanceTrainer(cfg, progress=progress, log=log, checkpoint=checkpoint).fit()
+        return TrainRun(out["run_dir"], -1.0, out["rows"], out["stopped"], best_ap=out["best_ap"])
     out = Trainer(cfg, progress=progress, log=log, checkpoint=checkpoint).fit()
     return TrainRun(out["run_dir"], out["best_miou"], out["rows"], out["stopped"])
 
@@ -88,9 +94,12 @@ def resume_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any
     return build_config(TrainConfig, saved, str(overrides["resume"])), ckpt
 
 
-def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> SegModel:
+def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> Any:
     """Load a seglab checkpoint (``best.pt`` / ``last.pt``), or a seglab export (``.onnx``, run by
-    ONNX Runtime; ``.torchscript``; ``.pt2``), for prediction and evaluation."""
+    ONNX Runtime; ``.torchscript``; ``.pt2``), for prediction and evaluation.
+
+    A semantic model comes back as a :class:`SegModel`; a Mask R-CNN / Faster R-CNN checkpoint
+    (``--task instance`` / ``detect``) as a :class:`seglab.instance.predictor.DetectorModel`."""
     from seglab.deploy.runtime import exported_format, load_exported
 
     if exported_format(weights):
@@ -101,6 +110,12 @@ def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> Seg
         config = {"data": meta.get("data")}
         return SegModel(module, card, device=device, metrics=meta.get("metrics"), config=config, backend=backend)
     model, card, ckpt = load_model(weights)
+    if card.task != "semantic":  # Mask R-CNN / Faster R-CNN
+        from seglab.instance.predictor import DetectorModel
+
+        return DetectorModel(
+            model, card, device=device, amp=amp, metrics=ckpt.get("metrics"), config=ckpt.get("config")
+        )
     return SegModel(model, card, device=device, amp=amp, metrics=ckpt.get("metrics"), config=ckpt.get("config"))
 
 

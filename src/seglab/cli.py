@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import errno
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,8 +51,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-        base = args[0]
+        is_optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if is_optional else kind
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         text = f"{helps.get(f.name, '')} (default: {default})".strip()
         if base is bool:
@@ -65,7 +66,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="seglab", description="Train, evaluate and predict semantic segmentation models.", allow_abbrev=False
+        prog="seglab", description="Train, evaluate and predict segmentation and detection models.", allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (same-size images; default: 1)")
     p.add_argument("--conf", action="store_true", help="also save per-pixel confidence maps")
+    p.add_argument(
+        "--min-score", type=float, default=0.25, help="detectors: keep objects scoring this or more (default: 0.25)"
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
     p.add_argument("--out", help="write masks/ and overlays/ here (default: runs/predict/<name>, numbered)")
     p.add_argument("--name", default="exp")
@@ -220,6 +224,8 @@ def _val(args: argparse.Namespace) -> int:
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
+    if getattr(model, "task", "semantic") != "semantic":
+        return _val_detector(model, data, args)
     result = model.evaluate(
         data,
         split=args.split,
@@ -247,6 +253,56 @@ def _val(args: argparse.Namespace) -> int:
     return 0
 
 
+def _val_detector(model, data: str, args: argparse.Namespace) -> int:
+    import json
+
+    from seglab.engine.trainer import next_run_dir
+    from seglab.instance.evaluate import format_ap_table
+
+    if args.tta or args.slide:
+        raise SeglabError("val: --tta and --slide are for semantic models; drop them for a detector")
+    result = model.evaluate(
+        data,
+        split=args.split,
+        batch=args.batch,
+        workers=args.workers,
+        limit=args.limit,
+        data_cache=args.data_cache or model.config.get("data_cache"),
+    )
+    print(format_ap_table(result.metrics))
+    out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    (out / "predictions.json").write_text(json.dumps(result.results))
+    shown = ", ".join(
+        f"{k} AP {100 * m['AP']:.2f} (AP50 {100 * m['AP50']:.2f})"
+        for k, m in result.metrics.items()
+        if k in ("box", "mask") and m["AP"] is not None
+    )
+    print(f"val: {shown}; wrote {out / 'metrics.json'} and {out / 'predictions.json'} (COCO results)")
+    return 0
+
+
+def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    if args.tta or args.slide or args.conf or args.img_size:
+        raise SeglabError("predict: --tta, --slide, --conf and --img-size are for semantic models; use --min-score")
+    coco: list[dict] = []
+    results = model.iter_predict(sources, conf=args.min_score, batch=args.batch)
+    for i, result in enumerate(
+        tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None)
+    ):
+        result.save(out, alpha=args.alpha)
+        name = result.path.name if result.path else f"image{i}"
+        coco += [{**entry, "file_name": name} for entry in result.to_coco(image_id=i)]
+    (out / "predictions.json").write_text(json.dumps(coco))
+    print(f"predict: {len(sources)} image(s); overlays, masks and labels in {out}; COCO results in predictions.json")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from seglab.api import load
     from seglab.engine.predictor import list_sources
@@ -259,6 +315,8 @@ def _predict(args: argparse.Namespace) -> int:
     sources = list_sources(args.source)  # fail on a bad source before anything is written
     model = load(args.weights, device=args.device, amp=args.amp)
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
+    if getattr(model, "task", "semantic") != "semantic":
+        return _predict_detector(model, sources, out, args)
     from tqdm import tqdm
 
     results = model.iter_predict(

@@ -20,11 +20,15 @@ import yaml
 from seglab.errors import SeglabError
 from seglab.registry import did_you_mean
 
+TASKS = ("semantic", "instance", "detect")
+DEFAULT_MODELS = {"semantic": "unet", "instance": "maskrcnn", "detect": "fasterrcnn"}
+
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Field comments become ``--help`` text."""
 
+    task: str = "semantic"  # semantic (a class per pixel), instance (Mask R-CNN) or detect (Faster R-CNN)
     # data
     data: str = ""  # dataset folder, data.yaml, or a built-in name: camvid, voc2012, isbi2012
     data_cache: str | None = None  # where built-in datasets download to (default ~/.cache/seglab/datasets)
@@ -40,9 +44,9 @@ class TrainConfig:
     strict_data: bool = False  # an unreadable image or mask stops the run (default: report and skip it)
     in_channels: int = 3  # 3 = RGB, 1 = greyscale
     # model
-    model: str = "unet"  # architecture (see `seglab models`)
-    encoder: str | None = None  # encoder; default: the architecture's own
-    encoder_weights: str | None = None  # 'imagenet' for pretrained encoder weights
+    model: str = ""  # architecture (see `seglab models`); default: unet, maskrcnn or fasterrcnn by --task
+    encoder: str | None = None  # encoder (a detector's backbone); default: the architecture's own
+    encoder_weights: str | None = None  # 'imagenet' for a pretrained encoder; detectors also 'coco' (whole model)
     # loss
     loss: str = "ce"  # ce, dice, focal, ce+dice, ohem
     class_weights: str | None = None  # none, inverse, median, enet: computed from the train split
@@ -80,6 +84,10 @@ class TrainConfig:
     val_interval: int = 1  # validate every N epochs
     save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs (0 = never)
     plots: bool = True  # write curves.png
+
+    def __post_init__(self) -> None:
+        if not self.model:  # the task's own architecture
+            self.model = DEFAULT_MODELS.get(self.task, "unet")
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -174,6 +182,8 @@ def load_train_config(config_file: str | None = None, **overrides: Any) -> Train
     build_config(TrainConfig, values, source)  # report errors against the file first
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = build_config(TrainConfig, values, source if not overrides else "train")
+    if cfg.task not in TASKS:
+        raise SeglabError(f"--task {cfg.task!r}{did_you_mean(cfg.task, TASKS)}: choose one of {', '.join(TASKS)}")
     validate(cfg)
     return cfg
 

@@ -17,24 +17,31 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Loss (train and val) and val mIoU per epoch, side by side, from metrics.csv rows."""
+def plot_curves(
+    rows: Sequence[dict[str, Any]], path: str | Path, scores: dict[str, str] | None = None, title: str = "val mIoU (%)"
+) -> None:
+    """Loss (train and val) and the val scores per epoch, side by side, from metrics.csv rows.
+
+    ``scores`` maps metrics.csv columns (fractions) to legend labels; default: val mIoU."""
     from matplotlib.figure import Figure
 
     epochs = [int(r["epoch"]) for r in rows]
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_miou = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        points = [(e, _float(r[key])) for e, r in zip(epochs, rows, strict=True)]
+        points = [(e, _float(r.get(key))) for e, r in zip(epochs, rows, strict=True)]
         points = [(e, v) for e, v in points if v is not None]
         if points:
             ax_loss.plot(*zip(*points, strict=True), marker="o", label=label)
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
     ax_loss.legend()
-    points = [(e, 100 * v) for e, r in zip(epochs, rows, strict=True) if (v := _float(r["val_miou"])) is not None]
-    if points:
-        ax_miou.plot(*zip(*points, strict=True), marker="o", color="tab:green")
-    ax_miou.set(title="val mIoU (%)", xlabel="epoch")
+    for key, label in (scores or {"val_miou": ""}).items():
+        points = [(e, 100 * v) for e, r in zip(epochs, rows, strict=True) if (v := _float(r.get(key))) is not None]
+        if points:
+            ax_miou.plot(*zip(*points, strict=True), marker="o", label=label or None)
+    if scores:
+        ax_miou.legend()
+    ax_miou.set(title=title, xlabel="epoch")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -291,6 +291,44 @@ def rasterize_coco(annotations: Sequence[dict], size: tuple[int, int], ignore_in
     return out
 
 
+def read_instance_ids(path: str | Path) -> np.ndarray:
+    """An instance-id mask (PNG, 16-bit PNG or TIFF) as (H, W) int64: one id per object, 0 = background."""
+    path = Path(path)
+    raw, _ = read_raw_mask(path)
+    if raw.ndim == 3:
+        if raw.shape[-1] != 1 and not (
+            np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
+        ):
+            raise SeglabError(
+                f"instance mask {path} is a colour image; save one integer id per object in a "
+                "single-channel PNG or TIFF (0 = background)"
+            )
+        raw = raw[..., 0]
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+        raise SeglabError(f"instance mask {path} holds fractional values; instance ids must be integers")
+    ids = raw.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        raise SeglabError(f"instance mask {path} holds negative values; ids must be 0 (background) or positive")
+    return ids
+
+
+def instances_to_classes(ids: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
+    """Instance ids (H, W) -> class indices (H, W) through ``spec.class_map`` (instance -> semantic).
+
+    Without a class map every object is class 1. An object the map does not list is ignored."""
+    if spec.class_map is None:
+        return (ids > 0).astype(np.int64)
+    table = spec.class_map.get(path.name, spec.class_map.get(path.stem))
+    if table is None:
+        raise SeglabError(f"instance mask {path} is not listed in data.yaml's class_map; add '{path.name}' to it")
+    lut = np.full(int(ids.max()) + 1, spec.ignore_index, dtype=np.int64)
+    lut[0] = 0
+    for i, c in table.items():
+        if i < len(lut):
+            lut[i] = c
+    return lut[ids]
+
+
 def read_mask(sample: Sample, spec: DatasetSpec, *, unknown_colors: Counter | None = None) -> np.ndarray:
     """Read ``sample``'s labels as an (H, W) uint8 array of class indices (ignore = spec.ignore_index).
 
@@ -324,6 +362,8 @@ def read_mask(sample: Sample, spec: DatasetSpec, *, unknown_colors: Counter | No
         if raw.ndim == 3:
             raw = raw.max(axis=-1)
         return (raw >= 128).astype(np.uint8)
+    if encoding == "instance":
+        return instances_to_classes(read_instance_ids(path), spec, path).astype(np.uint8)
     index = _as_index(raw, mode, path)
     if encoding == "cityscapes":
         return cityscapes_lut(spec.ignore_index)[index]

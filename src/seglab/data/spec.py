@@ -18,7 +18,9 @@ from typing import Any
 #   binary     0/255 mask mapped to {0, 1}
 #   cityscapes *_labelIds PNG mapped to the 19 Cityscapes train ids (others -> ignore)
 #   coco       no mask file: polygons/RLE in Sample.annotations are rasterised
-MASK_ENCODINGS = ("index", "rgb", "binary", "cityscapes", "coco")
+#   instance   instance-id PNG/TIFF: one integer per object, 0 = background; the class of each
+#              object from DatasetSpec.class_map, else class 1 (the one foreground class)
+MASK_ENCODINGS = ("index", "rgb", "binary", "cityscapes", "coco", "instance")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Sample:
     # already mapped to contiguous class indices in 'category_id', and the image size (h, w).
     annotations: list[dict[str, Any]] | None = None
     size: tuple[int, int] | None = None
+    coco_id: int | None = None  # COCO only: the image's id in the file (COCO results JSON refers to it)
 
 
 @dataclass
@@ -47,6 +50,9 @@ class DatasetSpec:
     # without a mask); the affected samples are left out. Only non-empty with
     # resolve_dataset(..., strict=False), which `seglab data check` uses: strict mode raises instead.
     problems: list[str] = field(default_factory=list)
+    # mask_encoding instance only: {mask file name: {instance id: class index}} from data.yaml's
+    # class_map; None means every object is class 1
+    class_map: dict[str, dict[int, int]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -65,4 +71,5 @@ class DataConfig:
     classes: list[str] | None = None  # class names in label order
     colors: list[list[int]] | None = None  # RGB colour per class (plots, and decoding rgb masks)
     ignore_index: int | None = None  # label value that is not scored (default 255)
-    mask_encoding: str = "auto"  # auto, index, rgb, binary
+    mask_encoding: str = "auto"  # auto, index, rgb, binary, instance (instance-id masks, 0 = background)
+    class_map: str | None = None  # instance masks: a JSON {mask file name: {instance id: class name}}

@@ -43,9 +43,17 @@ class ModelCard:
     std: list[float]
     img_size: int
     crop_size: list[int] = field(default_factory=list)
+    task: str = "semantic"  # semantic, instance or detect (then arch is maskrcnn/fasterrcnn, encoder the backbone)
+    weights: str | None = None  # detectors: the pretrained weights training began from (they set the norm layers)
 
     def build(self) -> nn.Module:
         from seglab.models import build_model
+
+        if self.task != "semantic":
+            from seglab.instance.models import DetectorSpec, build_detector
+
+            spec = DetectorSpec(self.arch, self.encoder, self.num_classes, self.weights, self.img_size)
+            return build_detector(spec, download=False)
 
         return build_model(
             self.arch,

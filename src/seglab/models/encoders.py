@@ -156,12 +156,12 @@ def _is_offline(exc: BaseException | None) -> bool:
     return False
 
 
-def weights_error(name: str, cache: str, exc: BaseException, url: str = "") -> SeglabError:
-    """The SeglabError for ImageNet weights that could not be fetched (``exc``: the cause)."""
+def weights_error(name: str, cache: str, exc: BaseException, url: str = "", kind: str = "ImageNet") -> SeglabError:
+    """The SeglabError for pretrained weights that could not be fetched (``exc``: the cause)."""
     why = f"no internet connection ({exc})" if _is_offline(exc) else str(exc)
     where = f"under {cache}; the file is {url}" if url else f"under {cache}"
     return SeglabError(
-        f"could not download ImageNet weights for {name}: {why}; download them on a machine with "
+        f"could not download {kind} weights for {name}: {why}; download them on a machine with "
         f"internet (they cache {where}) or use --encoder-weights none"
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from seglab.config import build_config, read_yaml
@@ -115,7 +116,12 @@ def _detect(root: Path, cfg: DataConfig) -> str:
 
 
 def resolve_dataset(
-    data: str | Path, *, strict: bool = True, cache_dir: str | Path | None = None, progress: bool = True
+    data: str | Path,
+    *,
+    strict: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    task: str = "semantic",
 ) -> DatasetSpec:
     """Understand the dataset at ``data`` (a folder, a data.yaml, or a built-in name) and list its samples.
 
@@ -123,6 +129,9 @@ def resolve_dataset(
     ``path:`` relative to itself. Layout problems (list lines naming missing files, images
     without masks) raise a SeglabError listing them; with ``strict=False`` they are kept in
     ``spec.problems`` instead and the affected samples left out (``seglab data check`` does this).
+
+    With ``task`` "instance" or "detect", the masks of a mask-file layout (pairs, folders) are read as
+    instance-id masks (``mask_encoding: instance``) unless data.yaml says otherwise.
 
     A ``data`` that is not an existing path but a built-in name (``camvid``, ``voc2012``,
     ``isbi2012``) is downloaded on first use into ``cache_dir`` (default: the user's cache
@@ -148,6 +157,8 @@ def resolve_dataset(
             f"dataset folder {root} is empty; put the images and masks there (e.g. images/train, masks/train)"
         )
     name = cfg.format if cfg.format != "auto" else _detect(root, cfg)
+    if task in ("instance", "detect") and cfg.mask_encoding == "auto" and name != "coco":
+        cfg = replace(cfg, mask_encoding="instance")
     spec = FORMATS[name].load(root, cfg)
     if yaml_path is not None:
         spec.notes.insert(0, f"settings from {yaml_path}")

@@ -157,6 +157,7 @@ def load_coco(root: Path, cfg: DataConfig) -> DatasetSpec:
                     image=path,
                     annotations=by_image.get(image["id"], []),
                     size=(int(image["height"]), int(image["width"])),
+                    coco_id=image["id"],
                 )
             )
         if missing:

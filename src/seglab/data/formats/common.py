@@ -236,6 +236,8 @@ def _finish(spec: DatasetSpec, cfg: DataConfig, meta: Metadata | None, source: s
         notes.append(meta.note)
 
     # encoding
+    if cfg.mask_encoding == "instance" and spec.format != "coco":
+        return _finish_instance(spec, cfg, source)
     if cfg.mask_encoding != "auto":
         encoding = cfg.mask_encoding
         if (encoding == "coco") != (spec.format == "coco"):
@@ -317,4 +319,46 @@ def _finish(spec: DatasetSpec, cfg: DataConfig, meta: Metadata | None, source: s
     if len(classes) > 255:
         raise SeglabError(f"{source}: {len(classes)} classes; masks are 8-bit, so at most 255 are possible")
     spec.classes, spec.colors, spec.ignore_index, spec.mask_encoding = classes, colors, ignore, encoding
+    return spec
+
+
+def _finish_instance(spec: DatasetSpec, cfg: DataConfig, source: str) -> DatasetSpec:
+    """Instance-id masks: classes from ``classes:``, the class map's names, or one 'object' class."""
+    import json
+
+    names = list(cfg.classes) if cfg.classes is not None else None
+    if cfg.class_map is not None:
+        path = spec.root / cfg.class_map
+        try:
+            raw = json.loads(path.read_text())
+            assert isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values())
+        except (OSError, ValueError, AssertionError):
+            raise SeglabError(
+                f"{source}: class_map {path} is not a readable JSON object of the form "
+                '{"mask file name": {"instance id": "class name"}}; fix or remove class_map:'
+            ) from None
+        used = [str(c) for ids in raw.values() for c in ids.values()]
+        if names is None:
+            names = ["background", *dict.fromkeys(used)]
+        unknown = sorted(set(used) - set(names[1:]))
+        if unknown:
+            raise SeglabError(
+                f"{source}: class_map {path} names classes not in classes: ({', '.join(unknown)}); add them"
+            )
+        try:
+            spec.class_map = {m: {int(i): names.index(str(c)) for i, c in ids.items()} for m, ids in raw.items()}
+        except ValueError:
+            raise SeglabError(f"{source}: class_map {path}: instance ids must be integers") from None
+        spec.notes.append(f"instance masks: classes of each object from {path} ({len(raw)} masks listed)")
+    else:
+        names = names or ["background", "object"]
+        if len(names) != 2:
+            raise SeglabError(
+                f"{source}: {len(names)} classes but no class_map: to say which object is which class; "
+                "add class_map: (a JSON file) or list two classes (background and the object class)"
+            )
+        spec.notes.append(f"instance masks: every object is class 1 '{names[1]}' (add class_map: for more classes)")
+    ignore = cfg.ignore_index if cfg.ignore_index is not None else DEFAULT_IGNORE_INDEX
+    colors = [(c[0], c[1], c[2]) for c in cfg.colors] if cfg.colors is not None else color_palette(len(names))
+    spec.classes, spec.colors, spec.ignore_index, spec.mask_encoding = names, colors, ignore, "instance"
     return spec

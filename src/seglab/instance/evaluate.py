@@ -1,0 +1,200 @@
+"""Box AP and mask AP, computed by pycocotools exactly as the COCO benchmark does.
+
+The ground truth is built from the dataset the model is scored on (COCO files and instance-id
+masks alike, at each image's own size, crowd regions marked ``iscrowd`` so they are ignored),
+the predictions are turned into COCO results (boxes as x, y, w, h; masks as RLE at 0.5), and
+``COCOeval`` does the matching. Metrics are fractions 0..1, like mIoU elsewhere in seglab;
+``None`` where COCO has no answer (no objects of that size or class).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.models.detection import FasterRCNN
+
+from seglab.instance.data import InstanceDataset, Instances, collate_instances
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = {"bbox": "box", "segm": "mask"}  # pycocotools' name -> ours
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """(H, W) 0/1 -> COCO compressed RLE with a str ``counts`` (JSON-friendly)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+@dataclass
+class CocoAccumulator:
+    """Collects ground truth and predictions image by image, then scores them with COCOeval."""
+
+    class_names: list[str]  # index 0 = background
+    masks: bool = True  # score masks as well as boxes
+    images: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_ground_truth(self, image_id: int, size: tuple[int, int], inst: Instances) -> None:
+        h, w = size
+        self.images.append({"id": image_id, "height": h, "width": w})
+        for i in range(len(inst)):
+            x1, y1, x2, y2 = (float(v) for v in inst.boxes[i])
+            ann = {
+                "id": len(self.annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                "image_id": image_id,
+                "category_id": int(inst.labels[i]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": float(inst.area[i]),
+                "iscrowd": int(inst.crowd[i]),
+            }
+            if self.masks:
+                ann["segmentation"] = _rle(inst.masks[i])
+            self.annotations.append(ann)
+
+    def add_prediction(self, image_id: int, prediction: dict[str, torch.Tensor]) -> None:
+        """One detector output (boxes x1y1x2y2, labels, scores, masks [N,1,H,W] probabilities)."""
+        self.results += to_coco_results(image_id, prediction, masks=self.masks)
+
+    def compute(self) -> dict[str, Any]:
+        """{"box": {...}, "mask": {...}} with AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l and per_class AP."""
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        gt = COCO()
+        gt.dataset = {
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(self.class_names) if i > 0],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+            gt.createIndex()
+        scored = sorted({a["category_id"] for a in self.annotations if not a["iscrowd"]})
+        out: dict[str, Any] = {
+            "num_images": len(self.images),
+            "num_objects": sum(not a["iscrowd"] for a in self.annotations),
+        }
+        for iou_type, ours in IOU_TYPES.items():
+            if iou_type == "segm" and not self.masks:
+                continue
+            if not self.results:  # loadRes refuses an empty list; no detections scores 0 where there is truth
+                zero = 0.0 if scored else None
+                out[ours] = {**dict.fromkeys(STAT_NAMES, zero), "per_class": self._per_class(None, scored)}
+                continue
+            with contextlib.redirect_stdout(io.StringIO()):
+                dt = gt.loadRes([dict(r) for r in self.results])  # loadRes edits its input
+                ev = COCOeval(gt, dt, iou_type)
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            stats = {name: (float(v) if v >= 0 else None) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}
+            out[ours] = {**stats, "per_class": self._per_class(ev, scored)}
+        return out
+
+    def _per_class(self, ev: Any, scored: list[int]) -> dict[str, float | None]:
+        """AP (IoU 0.5:0.95, all sizes, 100 detections) per class; None for a class with no objects."""
+        per_class: dict[str, float | None] = {}
+        for k, name in enumerate(self.class_names[1:], start=1):
+            if k not in scored:
+                per_class[name] = None
+            elif ev is None:
+                per_class[name] = 0.0
+            else:
+                # precision: [IoU thresholds, recall points, categories, area ranges, max detections]
+                p = ev.eval["precision"][:, :, ev.params.catIds.index(k), 0, -1]
+                per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else None
+        return per_class
+
+
+@dataclass
+class DetectionEval:
+    metrics: dict[str, Any]  # CocoAccumulator.compute()
+    results: list[dict[str, Any]]  # COCO results entries; image_id = the COCO file's id when there is one
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: FasterRCNN,
+    dataset: InstanceDataset,
+    *,
+    device: torch.device,
+    batch: int = 2,
+    workers: int = 2,
+    progress: bool = True,
+    desc: str = "val",
+) -> DetectionEval:
+    """Run the detector over ``dataset`` (images at their own size) and score it with COCOeval.
+
+    Mixed precision is the model's own (``models.mixed_precision``), not set here."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    model.eval()
+    has_masks = bool(model.roi_heads.has_mask())
+    acc = CocoAccumulator(dataset.spec.classes, masks=has_masks)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_instances)
+    results: list[dict[str, Any]] = []
+    for images, targets in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
+        outputs = model([im.to(device).float().div_(255) for im in images])
+        for image, target, output in zip(images, targets, outputs, strict=True):
+            index = target["image_id"]
+            inst = Instances(
+                masks=target["masks"].numpy(),
+                boxes=target["boxes"].numpy(),
+                labels=target["labels"].numpy(),
+                crowd=target["iscrowd"].numpy().astype(bool),
+                area=target["area"].numpy(),
+            )
+            acc.add_ground_truth(index, tuple(image.shape[-2:]), inst)
+            entries = to_coco_results(index, output, masks=has_masks)
+            acc.results += entries
+            coco_id = dataset.samples[index].coco_id
+            results += [{**e, "image_id": coco_id if coco_id is not None else index} for e in entries]
+    return DetectionEval(acc.compute(), results)
+
+
+def to_coco_results(image_id: int, prediction: dict[str, torch.Tensor], *, masks: bool = True) -> list[dict[str, Any]]:
+    """A detector's output for one image -> COCO results entries (what ``--save-json`` writes)."""
+    boxes = prediction["boxes"].float().cpu().numpy()
+    scores = prediction["scores"].float().cpu().numpy()
+    labels = prediction["labels"].cpu().numpy()
+    binary = (prediction["masks"][:, 0] > 0.5).cpu().numpy() if masks and "masks" in prediction else None
+    entries = []
+    for i in range(len(scores)):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        entry: dict[str, Any] = {
+            "image_id": image_id,
+            "category_id": int(labels[i]),
+            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "score": round(float(scores[i]), 5),
+        }
+        if binary is not None:
+            entry["segmentation"] = _rle(binary[i])
+        entries.append(entry)
+    return entries
+
+
+def format_ap_table(metrics: dict[str, Any]) -> str:
+    """The summary a user reads after ``seglab val --task instance``: one row per kind, then per class."""
+    kinds = [k for k in ("box", "mask") if k in metrics]
+    cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+    def pct(v: float | None) -> str:
+        return "   -" if v is None else f"{100 * v:5.1f}"
+
+    names = list(metrics[kinds[0]]["per_class"])
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"{'':{width}}" + " ".join(f"{c:>5}" for c in cols)]
+    lines += [f"{kind + ' AP':{width}}" + " ".join(pct(metrics[kind][c]) for c in cols) for kind in kinds]
+    lines.append(f"{'AP per class':{width}}" + " ".join(f"{kind:>5}" for kind in kinds))
+    for name in names:
+        lines.append(f"  {name:{width - 2}}" + " ".join(pct(metrics[kind]["per_class"][name]) for kind in kinds))
+    return "\n".join(lines)

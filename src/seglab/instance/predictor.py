@@ -1,0 +1,250 @@
+"""Predicting objects: ``seglab.load(best.pt)`` on a detector checkpoint gives a :class:`DetectorModel`.
+
+model = seglab.load("runs/train/facade/weights/best.pt")
+r = model.predict("street.jpg", conf=0.3)
+r.instances.boxes, r.instances.masks, r.instances.labels, r.instances.scores
+r.plot()            # (H, W, 3) uint8: masks, boxes and "class score" labels drawn on the image
+r.save("out/")      # overlays/<name>.png, masks/<name>.png (instance ids), labels/<name>.json
+r.semantic()        # (H, W) class indices: the instances painted into a semantic mask
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.models.detection import FasterRCNN
+
+from seglab.engine.checkpoint import ModelCard
+from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.errors import SeglabError
+
+
+@dataclass
+class Detections:
+    """The objects found in one image, highest score first."""
+
+    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2 in the image's pixels
+    labels: np.ndarray  # (N,) int64 class indices (1..K)
+    scores: np.ndarray  # (N,) float32 0..1
+    masks: np.ndarray | None  # (N, H, W) bool (Mask R-CNN), None for a box detector
+    names: list[str]  # (N,) class names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class InstanceResult:
+    image: np.ndarray  # (H, W, C) uint8, as read
+    instances: Detections
+    classes: list[str]
+    colors: list[tuple[int, int, int]]
+    path: Path | None = None
+
+    def semantic(self) -> np.ndarray:
+        """(H, W) uint8 class indices, 0 = background; where objects overlap, the higher score wins."""
+        out = np.zeros(self.image.shape[:2], dtype=np.uint8)
+        inst = self.instances
+        if inst.masks is None:
+            raise SeglabError("a box detector predicts no masks; train --task instance for masks")
+        for i in reversed(range(len(inst))):  # lowest score first, so the highest is painted last
+            out[inst.masks[i]] = inst.labels[i]
+        return out
+
+    def instance_ids(self) -> np.ndarray:
+        """(H, W) uint16: object i (in score order) is i + 1, 0 = background; the higher score wins overlaps."""
+        out = np.zeros(self.image.shape[:2], dtype=np.uint16)
+        inst = self.instances
+        if inst.masks is not None:
+            for i in reversed(range(len(inst))):
+                out[inst.masks[i]] = i + 1
+        return out
+
+    def plot(self, *, alpha: float = 0.5, boxes: bool = True, labels: bool = True) -> np.ndarray:
+        """The image with each object's mask, box and "class score" label drawn, (H, W, 3) uint8."""
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        image = torch.tensor(self.image[..., :3]).permute(2, 0, 1)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        inst = self.instances
+        colors = [tuple(int(c) for c in self.colors[k]) for k in inst.labels]
+        if len(inst) and inst.masks is not None:
+            image = draw_segmentation_masks(image, torch.from_numpy(inst.masks), alpha=alpha, colors=colors)
+        if len(inst) and boxes:
+            text = [f"{n} {s:.2f}" for n, s in zip(inst.names, inst.scores, strict=True)] if labels else None
+            image = draw_bounding_boxes(image, torch.from_numpy(inst.boxes), labels=text, colors=colors, width=2)
+        return image.permute(1, 2, 0).numpy()
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """One dict per object: class, label, score, box [x1, y1, x2, y2], mask as COCO RLE."""
+        from seglab.instance.evaluate import _rle
+
+        inst = self.instances
+        out = []
+        for i in range(len(inst)):
+            entry: dict[str, Any] = {
+                "class": inst.names[i],
+                "label": int(inst.labels[i]),
+                "score": round(float(inst.scores[i]), 5),
+                "box": [round(float(v), 2) for v in inst.boxes[i]],
+            }
+            if inst.masks is not None:
+                entry["mask"] = _rle(inst.masks[i])
+            out.append(entry)
+        return out
+
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """The objects as COCO results entries (bbox x, y, w, h; segmentation RLE) for ``image_id``."""
+        entries = []
+        for obj in self.to_json():
+            x1, y1, x2, y2 = obj["box"]
+            box = [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]
+            entry = {"image_id": image_id, "category_id": obj["label"], "bbox": box}
+            entry["score"] = obj["score"]
+            if "mask" in obj:
+                entry["segmentation"] = obj["mask"]
+            entries.append(entry)
+        return entries
+
+    def save(self, out_dir: str | Path, *, name: str | None = None, alpha: float = 0.5) -> Path:
+        """overlays/<name>.png (the plot), labels/<name>.json and, for masks, masks/<name>.png (instance ids)."""
+        out = Path(out_dir)
+        stem = name or (self.path.stem if self.path else "image")
+        for sub in ("overlays", "labels") + (("masks",) if self.instances.masks is not None else ()):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.plot(alpha=alpha)).save(out / "overlays" / f"{stem}.png")
+        (out / "labels" / f"{stem}.json").write_text(json.dumps(self.to_json()))
+        if self.instances.masks is not None:
+            Image.fromarray(self.instance_ids()).save(out / "masks" / f"{stem}.png")
+        return out / "overlays" / f"{stem}.png"
+
+
+class DetectorModel:
+    """A trained Mask R-CNN / Faster R-CNN with its classes and colours (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: FasterRCNN,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        amp: bool = False,
+        metrics: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.card, self.amp, self.metrics, self.config = card, amp, metrics, config or {}
+        self.backend = "pytorch"
+        if amp:
+            from seglab.instance.models import mixed_precision
+
+            mixed_precision(self.model, self.device.type, amp_dtype(self.device))
+
+    @property
+    def task(self) -> str:
+        return self.card.task
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    def predict(
+        self,
+        source: str | Path | np.ndarray | Sequence[str | Path | np.ndarray],
+        *,
+        conf: float = 0.25,
+        batch: int = 1,
+    ) -> InstanceResult | list[InstanceResult]:
+        """Objects in one image (a path or an (H, W, C) uint8 array) or many (a folder or a list),
+        keeping those scoring at least ``conf``."""
+        from seglab.engine.predictor import list_sources
+
+        sources: list[str | Path | np.ndarray]
+        if isinstance(source, np.ndarray):
+            sources, single = [source], True
+        elif isinstance(source, str | Path):
+            sources, single = [*list_sources(source)], not Path(source).is_dir()
+        else:
+            sources, single = list(source), False
+        results = list(self.iter_predict(sources, conf=conf, batch=batch))
+        return results[0] if single else results
+
+    def iter_predict(
+        self, sources: Sequence[str | Path | np.ndarray], *, conf: float = 0.25, batch: int = 1
+    ) -> Iterator[InstanceResult]:
+        from seglab.data.io import read_image
+
+        if not 0 <= conf <= 1:
+            raise SeglabError(f"predict: --conf {conf}: use a score between 0 and 1")
+        pending: list[tuple[np.ndarray, Path | None]] = []
+        for item in sources:
+            if isinstance(item, np.ndarray):
+                pending.append((item if item.ndim == 3 else item[..., None].repeat(3, -1), None))
+            else:
+                pending.append((read_image(item, 3), Path(item)))
+            if len(pending) == batch:
+                yield from self._predict_batch(pending, conf)
+                pending = []
+        if pending:
+            yield from self._predict_batch(pending, conf)
+
+    @torch.no_grad()
+    def _predict_batch(self, items: list[tuple[np.ndarray, Path | None]], conf: float) -> Iterator[InstanceResult]:
+        xs = [torch.tensor(im[..., :3]).permute(2, 0, 1).to(self.device).float() / 255 for im, _ in items]
+        for (image, path), out in zip(items, self.model(xs), strict=True):
+            keep = out["scores"] >= conf
+            labels = out["labels"][keep].cpu().numpy()
+            masks = out["masks"][keep][:, 0].cpu().numpy() > 0.5 if "masks" in out else None
+            detections = Detections(
+                boxes=out["boxes"][keep].float().cpu().numpy(),
+                labels=labels,
+                scores=out["scores"][keep].float().cpu().numpy(),
+                masks=masks,
+                names=[self.card.classes[k] for k in labels],
+            )
+            yield InstanceResult(image, detections, self.card.classes, self.card.colors, path)
+
+    def evaluate(
+        self,
+        data: str | Path,
+        *,
+        split: str = "val",
+        batch: int = 2,
+        workers: int = 2,
+        limit: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        progress: bool = True,
+        data_cache: str | Path | None = None,
+    ):
+        """Box AP (and mask AP) on a split, by pycocotools; returns a ``DetectionEval``."""
+        from seglab.data import get_split, resolve_dataset
+        from seglab.instance.data import InstanceDataset
+        from seglab.instance.evaluate import evaluate_detector
+
+        spec = resolve_dataset(data, cache_dir=data_cache, progress=progress, task=self.task)
+        if spec.classes[1:] != self.card.classes[1:]:
+            raise SeglabError(
+                f"{data} has classes {', '.join(spec.classes[1:])} but the model was trained on "
+                f"{', '.join(self.card.classes[1:])}; evaluate on data with the same classes"
+            )
+        samples = get_split(spec, split, val_fraction=val_fraction, seed=seed)[:limit]
+        dataset = InstanceDataset(samples, spec, keep_crowd=True)
+        return evaluate_detector(
+            self.model,
+            dataset,
+            device=self.device,
+            batch=batch,
+            workers=workers,
+            progress=progress,
+            desc=f"val {split}",
+        )
