@@ -105,7 +105,9 @@ def test_detect_task_trains_faster_rcnn(facade: Path, tmp_path: Path):
     assert main([*args, *TRAIN, "--out", str(tmp_path), "--name", "boxes"]) == 0
     model = seglab.load(tmp_path / "boxes" / "weights" / "best.pt")
     assert model.task == "detect" and model.card.arch == "fasterrcnn"
-    metrics = json.loads(json.dumps(torch.load(tmp_path / "boxes" / "weights" / "best.pt", weights_only=False)["metrics"]))
+    metrics = json.loads(
+        json.dumps(torch.load(tmp_path / "boxes" / "weights" / "best.pt", weights_only=False)["metrics"])
+    )
     assert "box" in metrics and "mask" not in metrics
     r = model.predict(sorted((facade / "train").glob("*.jpg"))[0], conf=0.0)
     assert r.instances.masks is None and r.plot().shape == (512, 512, 3)
@@ -126,3 +128,13 @@ def test_bad_flags_are_one_line(facade: Path, tmp_path: Path, capsys, flags: lis
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and says in err, err
     assert not any(tmp_path.iterdir()), "a rejected run writes nothing"
+
+
+@pytest.mark.parametrize("command", [["export", "--format", "onnx"], ["prune"], ["quantize"]])
+def test_semantic_only_commands_refuse_a_detector(instance_run: Path, tmp_path: Path, capsys, command: list[str]):
+    weights = instance_run / "weights" / "best.pt"
+    out = tmp_path / ("x.onnx" if command[0] != "prune" else "x")
+    assert main([command[0], "--weights", str(weights), *command[1:], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "semantic" in err and "maskrcnn" in err
+    assert not out.exists()

@@ -66,11 +66,27 @@ def coco_dir(tmp_path: Path, write_png) -> Path:
         {"id": 4, "image_id": 7, "category_id": 2, "segmentation": crowd_rle, "bbox": [30, 32, 30, 8], "area": 240, "iscrowd": 1},
         {"id": 5, "image_id": 7, "category_id": 2, "segmentation": [], "bbox": [30, 10, 6, 4], "area": 24, "iscrowd": 0},
     ]  # fmt: skip
-    images = [{"id": 7, "file_name": "a.png", "height": H, "width": W}, {"id": 8, "file_name": "b.png", "height": H, "width": W}]
+    images = [
+        {"id": 7, "file_name": "a.png", "height": H, "width": W},
+        {"id": 8, "file_name": "b.png", "height": H, "width": W},
+    ]
     _coco_file(root / "train" / "_annotations.coco.json", images, train_anns, categories)
     for split in ("valid", "test"):
-        ann = {"id": 1, "image_id": 1, "category_id": 2, "segmentation": [_square(0, 0, 4)], "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0}
-        _coco_file(root / split / "_annotations.coco.json", [{"id": 1, "file_name": "a.png", "height": H, "width": W}], [ann], categories)
+        ann = {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 2,
+            "segmentation": [_square(0, 0, 4)],
+            "bbox": [0, 0, 4, 4],
+            "area": 16,
+            "iscrowd": 0,
+        }
+        _coco_file(
+            root / split / "_annotations.coco.json",
+            [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
+            [ann],
+            categories,
+        )
     return root
 
 
@@ -251,7 +267,9 @@ def test_nuclei_instance_mask(shared_data: Path, tmp_path: Path):
     """The DSB 2018 nuclei image: a uint16 TIFF and its instance-id mask with 125 nuclei."""
     root = shared_data / "nuclei_instances"
     (tmp_path / "list.txt").write_text("img2d.tif mask2d.tif\n")
-    (tmp_path / "data.yaml").write_text(f"path: {root}\nformat: pairs\ntrain: {tmp_path / 'list.txt'}\nclasses: [background, nucleus]\n")
+    (tmp_path / "data.yaml").write_text(
+        f"path: {root}\nformat: pairs\ntrain: {tmp_path / 'list.txt'}\nclasses: [background, nucleus]\n"
+    )
     spec = resolve_dataset(tmp_path / "data.yaml", task="instance")
     assert spec.classes == ["background", "nucleus"]
     image, target = InstanceDataset(spec.splits["train"], spec)[0]

@@ -87,7 +87,10 @@ def test_iou_062_counts_at_three_of_ten_thresholds():
 def test_classes_are_averaged_and_a_wrong_class_is_a_miss():
     truth = _truth([G1, G2], [1, 2])
     m = _score(truth, _prediction([G1, G2], [1, 2], [0.9, 0.8]))
-    assert m["box"]["AP"] == pytest.approx(1.0) and m["box"]["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    assert m["box"]["AP"] == pytest.approx(1.0) and m["box"]["per_class"] == {
+        "a": pytest.approx(1.0),
+        "b": pytest.approx(1.0),
+    }
     m = _score(truth, _prediction([G1, G2], [1, 1], [0.9, 0.8]))  # G2 found but called "a"
     assert m["box"]["per_class"]["b"] == 0 and m["box"]["AP"] == pytest.approx(0.5)
 

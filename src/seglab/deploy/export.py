@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from seglab.deploy.runtime import METADATA_KEY, card_metadata, load_exported
-from seglab.engine.checkpoint import ModelCard, load_model
+from seglab.engine.checkpoint import ModelCard, load_model, require_semantic
 from seglab.engine.inference import normalize
 from seglab.errors import SeglabError
 
@@ -98,6 +98,7 @@ def export(
     if img_size is not None and (len(img_size) not in (1, 2) or min(img_size) < 1):
         raise SeglabError(f"export: --img-size {' '.join(map(str, img_size))}: give H W (or one size for both)")
     model, card, ckpt = load_model(weights)
+    require_semantic(card, weights, "export")
     out = Path(out) if out else Path(weights).with_suffix(SUFFIX[format])
     if out.suffix != SUFFIX[format]:
         raise SeglabError(f"export: --out {out}: a {format} file should end in {SUFFIX[format]}")

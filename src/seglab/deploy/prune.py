@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from seglab.config import TrainConfig, build_config, validate
-from seglab.engine.checkpoint import ModelCard, load_model, make_payload, save_checkpoint
+from seglab.engine.checkpoint import ModelCard, load_model, make_payload, require_semantic, save_checkpoint
 from seglab.errors import SeglabError
 from seglab.models.base import SegmentationModel
 from seglab.models.encoders import probe
@@ -194,6 +194,7 @@ def prune_checkpoint(
         if not ok:
             raise SeglabError(f"prune: {message}")
     model, card, ckpt = load_model(weights)
+    require_semantic(card, weights, "prune")
     if not isinstance(model, SegmentationModel):
         raise SeglabError(f"prune: {weights} holds a {type(model).__name__}, not a seglab model")
     trained = ckpt.get("config") or {}

@@ -64,6 +64,15 @@ class ModelCard:
         )
 
 
+def require_semantic(card: ModelCard, path: str | Path, command: str) -> None:
+    """Export, quantisation, pruning and serving handle semantic models only (so far)."""
+    if card.task != "semantic":
+        raise SeglabError(
+            f"{path} is a {card.arch} checkpoint (--task {card.task}); seglab {command} works on semantic "
+            "segmentation models so far (use seglab predict / val for detectors)"
+        )
+
+
 def previous_of(path: str | Path) -> Path:
     """Where ``save_checkpoint(..., keep_previous=True)`` keeps the file it replaced: last.prev.pt."""
     path = Path(path)

@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from seglab.serve.app import ServeSettings, create_app
 
     model = seglab.load(args.weights, device=args.device, amp=args.amp)
+    if getattr(model, "task", "semantic") != "semantic":
+        from seglab.engine.checkpoint import require_semantic
+
+        require_semantic(model.card, args.weights, "serve")
     settings = ServeSettings(
         max_upload_mb=args.max_upload_mb,
         max_side=args.max_side,
