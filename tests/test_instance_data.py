@@ -59,13 +59,19 @@ def coco_dir(tmp_path: Path, write_png) -> Path:
     crowd = np.zeros((H, W), np.uint8)
     crowd[32:40, 30:60] = 1
     crowd_rle = {"size": [H, W], "counts": _uncompressed_counts(crowd)}
+
+    def ann(i: int, category: int, segmentation, bbox: list[int], crowd: int = 0) -> dict:
+        area = bbox[2] * bbox[3]
+        return {"id": i, "image_id": 7, "category_id": category, "segmentation": segmentation, "bbox": bbox,
+                "area": area, "iscrowd": crowd}  # fmt: skip
+
     train_anns = [
-        {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [_square(10, 5, 8)], "bbox": [10, 5, 8, 8], "area": 64, "iscrowd": 0},
-        {"id": 2, "image_id": 7, "category_id": 2, "segmentation": uncompressed, "bbox": [5, 20, 20, 10], "area": 200, "iscrowd": 0},
-        {"id": 3, "image_id": 7, "category_id": 1, "segmentation": compressed, "bbox": [40, 2, 18, 4], "area": 72, "iscrowd": 0},
-        {"id": 4, "image_id": 7, "category_id": 2, "segmentation": crowd_rle, "bbox": [30, 32, 30, 8], "area": 240, "iscrowd": 1},
-        {"id": 5, "image_id": 7, "category_id": 2, "segmentation": [], "bbox": [30, 10, 6, 4], "area": 24, "iscrowd": 0},
-    ]  # fmt: skip
+        ann(1, 1, [_square(10, 5, 8)], [10, 5, 8, 8]),
+        ann(2, 2, uncompressed, [5, 20, 20, 10]),
+        ann(3, 1, compressed, [40, 2, 18, 4]),
+        ann(4, 2, crowd_rle, [30, 32, 30, 8], crowd=1),
+        ann(5, 2, [], [30, 10, 6, 4]),
+    ]
     images = [
         {"id": 7, "file_name": "a.png", "height": H, "width": W},
         {"id": 8, "file_name": "b.png", "height": H, "width": W},
