@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def _check(cfg: TrainConfig) -> None:
     expected = {"instance": "maskrcnn", "detect": "fasterrcnn"}[cfg.task]
     if cfg.model != expected:
         raise SeglabError(f"--task {cfg.task} trains --model {expected}, not {cfg.model!r}; drop --model or use it")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's variable, as engine/distributed.py reads it
+        raise SeglabError("--task instance/detect trains in one process so far; run seglab train without torchrun")
     if cfg.in_channels != 3:
         raise SeglabError("--task instance/detect takes RGB images; drop --in-channels (greyscale is read as RGB)")
 
