@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from common import write_result
+from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torch import nn
 
 from seglab.instance.models import EncoderFPN, mixed_precision
 from seglab.models.encoders import build_encoder
