@@ -31,7 +31,9 @@ def instance_run(facade: Path, tmp_path_factory) -> Path:
 
 
 def test_train_writes_the_run_folder(instance_run: Path):
-    assert {p.name for p in instance_run.iterdir()} >= {"config.yaml", "metrics.csv", "curves.png", "weights"}
+    names = {p.name for p in instance_run.iterdir()}
+    assert names >= {"config.yaml", "metrics.csv", "curves.png", "weights"}
+    assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard
     rows = list(csv.DictReader((instance_run / "metrics.csv").open()))
     assert len(rows) == 1
     assert float(rows[0]["loss_mask"]) > 0 and rows[0]["val_mask_ap"] != "" and rows[0]["val_box_ap"] != ""

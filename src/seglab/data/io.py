@@ -221,7 +221,8 @@ def _as_index(raw: np.ndarray, mode: str, path: Path) -> np.ndarray:
             hi = raw.max() if raw.size else 0
             raise SeglabError(
                 f"mask {path} ({mode}, {raw.dtype}) holds values up to {hi}, outside 0..255; "
-                "class-index masks must be 8-bit (convert instance-id or float masks to class indices)"
+                "class-index masks must be 8-bit; for instance-id masks (one integer per object) set "
+                "mask_encoding: instance in data.yaml, or train with --task instance"
             )
         raw = raw.astype(np.uint8)
     return raw

@@ -5,7 +5,7 @@ A detector computes its losses itself (``model(images, targets) -> {name: loss}`
 box/mask AP instead of mIoU, and takes lists of images, so its loop is its own; everything
 around the loop is shared with ``engine/trainer.py``. The run folder is the same:
 
-    config.yaml, metrics.csv (loss parts, box and mask AP per epoch), curves.png, TensorBoard,
+    config.yaml, metrics.csv (loss parts, box and mask AP per epoch), curves.png, events.out.tfevents.*,
     weights/last.pt (resumable), weights/best.pt (best val mask AP, or box AP for detect)
 """
 
@@ -146,6 +146,9 @@ class InstanceTrainer:
         (self.run_dir / "weights").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self._write_csv()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.run_dir))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -168,6 +171,7 @@ class InstanceTrainer:
                     f"train: stopped by signal {stopped} at epoch {stop.epoch + 1}, batch {stop.batch}; "
                     f"continue with: seglab train --resume {self.run_dir / 'weights' / 'last.pt'}"
                 )
+        self.tb.close()
         if stopped is None:
             self.log(
                 f"train: done; best val {self.score_key} AP {100 * self.best_ap:.2f}; "
@@ -191,6 +195,9 @@ class InstanceTrainer:
                 row[f"val_{kind}_ap50"] = round(metrics[kind]["AP50"] or 0.0, 5)
         row["epoch_time_s"] = round(time.perf_counter() - t0, 1)
         self.rows.append(row)
+        for key, value in row.items():
+            if key not in ("epoch", "lr", "epoch_time_s") and value != "":
+                self.tb.add_scalar(key, value, epoch + 1)
         score: float | None = (metrics[self.score_key]["AP"] or 0.0) if metrics else None
         improved = score is not None and score > self.best_ap
         if score is not None and improved:
