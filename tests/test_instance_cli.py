@@ -13,6 +13,7 @@ import torch
 
 import seglab
 from seglab.cli import main
+from seglab.data import get_split, resolve_dataset
 
 TRAIN = ["--img-size", "128", "--batch", "2", "--limit", "4", "--workers", "0", "--no-amp"]
 
@@ -26,7 +27,7 @@ def facade(shared_data: Path) -> Path:
 def instance_run(facade: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     args = ["train", "--task", "instance", "--data", str(facade), "--encoder", "efficientnet_lite0", "--epochs", "1"]
-    assert main([*args, *TRAIN, "--out", str(out), "--name", "mask"]) == 0
+    assert main([*args, *TRAIN, "--seed", "5", "--out", str(out), "--name", "mask"]) == 0
     return out / "mask"
 
 
@@ -62,6 +63,11 @@ def test_val_writes_ap_and_coco_results_for_the_original_file(instance_run: Path
         assert 0 <= metrics[kind]["AP50"] <= 1
     results = json.loads((tmp_path / "predictions.json").read_text())
     assert results, "an untrained detector still proposes something at score >= 0.05"
+    # scored on the images training held out (seed 5), not on another seed's hold-out
+    spec = resolve_dataset(facade, task="instance")
+    held_out = {s.coco_id for s in get_split(spec, "val", seed=5)[:3]}
+    assert held_out != {s.coco_id for s in get_split(spec, "val", seed=0)[:3]}
+    assert {r["image_id"] for r in results} <= held_out and metrics["num_images"] == 3
     # the results refer to the images of the user's own annotation file, and pycocotools accepts them
     gt = COCO(str(facade / "train" / "_annotations.coco.json"))
     dt = gt.loadRes(results)

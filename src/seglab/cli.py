@@ -236,6 +236,7 @@ def _val(args: argparse.Namespace) -> int:
         limit=args.limit,
         data_cache=args.data_cache or model.config.get("data_cache"),
         strict_data=args.strict_data,
+        **_holdout_of(model),
     )
     from seglab.engine.distributed import current
 
@@ -253,6 +254,13 @@ def _val(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holdout_of(model) -> dict[str, float | int]:
+    """The val hold-out the model was trained with (a dataset without a val split is split by
+    val_fraction and seed), so `seglab val` scores the images training left out, not others."""
+    config = model.config
+    return {"val_fraction": config.get("val_fraction", 0.1), "seed": config.get("seed", 0)}
+
+
 def _val_detector(model, data: str, args: argparse.Namespace) -> int:
     import json
 
@@ -268,6 +276,7 @@ def _val_detector(model, data: str, args: argparse.Namespace) -> int:
         workers=args.workers,
         limit=args.limit,
         data_cache=args.data_cache or model.config.get("data_cache"),
+        **_holdout_of(model),
     )
     print(format_ap_table(result.metrics))
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
