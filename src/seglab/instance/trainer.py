@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class InstanceTrainer:
         _check(cfg)
         self.cfg, self.progress, self.log = cfg, progress, log
         if cfg.data and Path(cfg.data).exists():
-            cfg = self.cfg = type(cfg)(**{**to_dict(cfg), "data": str(Path(cfg.data).resolve())})
+            cfg = self.cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # val finds it from anywhere
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed, cfg.deterministic)
 
