@@ -40,7 +40,8 @@ TORCHVISION_BACKBONES = ("resnet50", "mobilenet_v3_large")  # torchvision's own 
 DEFAULT_BACKBONE = "resnet50"
 DETECTIONS_PER_IMAGE = 100  # COCO's maxDets
 # A pyramid and mask head on a seglab encoder are 128 channels wide, not torchvision's 256: on a CPU
-# that makes a Mask R-CNN training step 2.7x faster (benchmarks/README.md, "Detectors").
+# a Mask R-CNN training step is 1.47x faster in float32, 2.16x with mixed precision
+# (benchmarks/detector_speed.py, benchmarks/README.md section 6).
 LIGHT_CHANNELS = 128
 
 
