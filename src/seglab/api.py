@@ -23,7 +23,7 @@ from seglab.config import TrainConfig, build_config, load_train_config
 from seglab.engine.checkpoint import ModelCard, load_model
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import Inferencer, resize_to, resolve_device
-from seglab.engine.predictor import Result, list_sources
+from seglab.engine.predictor import Result, expand_source
 from seglab.errors import SeglabError
 
 TTA_SCALES = (0.75, 1.0, 1.25)
@@ -182,13 +182,7 @@ class SegModel:
         share a forward pass (faster per image on both CPU and GPU). ``confidence`` also
         fills ``Result.confidence``, the probability of each pixel's class (a softmax more).
         """
-        sources: list[str | Path | np.ndarray]
-        if isinstance(source, np.ndarray):
-            sources, single = [source], True
-        elif isinstance(source, str | Path):
-            sources, single = [*list_sources(source)], not Path(source).is_dir()
-        else:
-            sources, single = list(source), False
+        sources, single = expand_source(source)
         results = list(
             self.iter_predict(sources, tta=tta, slide=slide, img_size=img_size, batch=batch, confidence=confidence)
         )

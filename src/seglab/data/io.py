@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -256,6 +257,33 @@ def rgb_to_index(
     return out
 
 
+def decode_coco_segmentation(segmentation: Any, size: tuple[int, int], ann_id: Any = None) -> np.ndarray | None:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> (H, W) uint8 0/1,
+    or None when it holds no usable shape."""
+    from pycocotools import mask as mask_utils
+
+    h, w = size
+    if isinstance(segmentation, list):  # polygons: a list of [x1, y1, x2, y2, ...]
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, h, w)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:  # compressed RLE; pycocotools wants bytes
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        return None
+    m = mask_utils.decode(rle)
+    if m.shape != (h, w):
+        raise SeglabError(
+            f"COCO annotation {ann_id} has an RLE of size {m.shape} for an image of size {(h, w)}; "
+            "fix the annotation's 'size'"
+        )
+    return m
+
+
 def rasterize_coco(annotations: Sequence[dict], size: tuple[int, int], ignore_index: int) -> np.ndarray:
     """Draw COCO annotations into an (H, W) uint8 class mask (0 = background).
 
@@ -263,32 +291,11 @@ def rasterize_coco(annotations: Sequence[dict], size: tuple[int, int], ignore_in
     RLE are all accepted; annotations are drawn in order (later over earlier) and crowd
     regions (``iscrowd: 1``) become ``ignore_index``.
     """
-    from pycocotools import mask as mask_utils
-
-    h, w = size
-    out = np.zeros((h, w), dtype=np.uint8)
+    out = np.zeros(size, dtype=np.uint8)
     for ann in annotations:
-        seg = ann.get("segmentation")
-        if not seg:
-            continue
-        if isinstance(seg, list):  # polygons: a list of [x1, y1, x2, y2, ...]
-            polys = [p for p in seg if len(p) >= 6]
-            if not polys:
-                continue
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(seg, h, w)
-        else:  # compressed RLE; pycocotools wants bytes
-            counts = seg["counts"]
-            rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-        m = mask_utils.decode(rle).astype(bool)
-        if m.shape != (h, w):
-            raise SeglabError(
-                f"COCO annotation {ann.get('id')} has an RLE of size {m.shape} "
-                f"for an image of size {(h, w)}; "
-                "fix the annotation's 'size'"
-            )
-        out[m] = ignore_index if ann.get("iscrowd") else int(ann["category_id"])
+        m = decode_coco_segmentation(ann.get("segmentation"), size, ann.get("id"))
+        if m is not None:
+            out[m.astype(bool)] = ignore_index if ann.get("iscrowd") else int(ann["category_id"])
     return out
 
 
@@ -313,15 +320,24 @@ def read_instance_ids(path: str | Path) -> np.ndarray:
     return ids
 
 
+def class_table(spec: DatasetSpec, path: Path) -> dict[int, int] | None:
+    """The class map's {instance id: class index} for mask ``path`` (by file name or stem); None
+    without a class map (every object is class 1)."""
+    if spec.class_map is None:
+        return None
+    table = spec.class_map.get(path.name, spec.class_map.get(path.stem))
+    if table is None:
+        raise SeglabError(f"instance mask {path} is not listed in data.yaml's class_map; add '{path.name}' to it")
+    return table
+
+
 def instances_to_classes(ids: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
     """Instance ids (H, W) -> class indices (H, W) through ``spec.class_map`` (instance -> semantic).
 
     Without a class map every object is class 1. An object the map does not list is ignored."""
-    if spec.class_map is None:
-        return (ids > 0).astype(np.int64)
-    table = spec.class_map.get(path.name, spec.class_map.get(path.stem))
+    table = class_table(spec, path)
     if table is None:
-        raise SeglabError(f"instance mask {path} is not listed in data.yaml's class_map; add '{path.name}' to it")
+        return (ids > 0).astype(np.int64)
     lut = np.full(int(ids.max()) + 1, spec.ignore_index, dtype=np.int64)
     lut[0] = 0
     for i, c in table.items():

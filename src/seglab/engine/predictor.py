@@ -87,3 +87,15 @@ def list_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
     if not path.exists():
         raise SeglabError(f"--source {path}: no such file or folder")
     return [path]
+
+
+def expand_source(source) -> tuple[list, bool]:
+    """What ``predict(source)`` takes -> (the images, whether one result is returned rather than a list):
+    an (H, W, C) array or a file (single), a folder (its images), or a list of paths and arrays."""
+    import numpy as np
+
+    if isinstance(source, np.ndarray):
+        return [source], True
+    if isinstance(source, str | Path):
+        return [*list_sources(source)], not Path(source).is_dir()
+    return list(source), False

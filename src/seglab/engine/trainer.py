@@ -324,15 +324,7 @@ class Trainer:
         self.train_sampler.set_epoch(epoch, start)  # the order depends only on (seed, epoch)
         self.train_set.set_epoch(cfg.seed * 100_003 + epoch)  # so does each sample's augmentation
         total, count = self.partial_loss if start else (0.0, 0)
-        bar = tqdm(
-            self.train_loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            initial=start,
-            total=start + len(self.train_loader),
-            disable=None if self.progress else True,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        bar = epoch_bar(self.train_loader, epoch, cfg.epochs, start, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         bad: list[str] = []
         for i, batch in enumerate(bar, start=start):
@@ -576,21 +568,38 @@ class Trainer:
         self.start_batch = ckpt.get("batch_in_epoch", 0)
         self.partial_loss = tuple(ckpt.get("partial_loss") or (0.0, 0))
         self.skipped_steps = ckpt.get("skipped_steps", 0)
-        self.rows = [r for r in _read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
+        self.rows = [r for r in read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
         where = f", batch {self.start_batch + 1}" if self.start_batch else ""
         self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}{where}")
 
     def _write_csv(self) -> None:
-        path = self.run_dir / "metrics.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(path)
+        write_csv(self.run_dir / "metrics.csv", CSV_FIELDS, self.rows)
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def epoch_bar(loader, epoch: int, epochs: int, start: int, progress: bool) -> tqdm:
+    """The progress bar of one training epoch, starting at batch ``start`` when resuming mid-epoch."""
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        initial=start,
+        total=start + len(loader),
+        disable=None if progress else True,
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """metrics.csv, written to a temporary name and renamed."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:

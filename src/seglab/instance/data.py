@@ -12,6 +12,7 @@ without objects gives empty arrays, which torchvision's detectors train on as pu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from seglab.data.io import BadSample, read_image, read_instance_ids
+from seglab.data.io import BadSample, class_table, decode_coco_segmentation, read_image, read_instance_ids
 from seglab.data.spec import DatasetSpec, Sample
 from seglab.errors import SeglabError
 
@@ -49,29 +50,6 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def decode_segmentation(segmentation: Any, size: tuple[int, int]) -> np.ndarray | None:
-    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> (H, W) uint8, or None if empty."""
-    from pycocotools import mask as mask_utils
-
-    h, w = size
-    if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-        polys = [p for p in segmentation if len(p) >= 6]
-        if not polys:
-            return None
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    elif isinstance(segmentation, dict) and "counts" in segmentation:  # compressed RLE
-        counts = segmentation["counts"]
-        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        return None
-    m = mask_utils.decode(rle)
-    if m.shape != (h, w):
-        raise SeglabError(f"a COCO RLE of size {m.shape} on an image of size {(h, w)}; fix the annotation's 'size'")
-    return m
-
-
 def coco_instances(annotations: list[dict[str, Any]], size: tuple[int, int]) -> Instances:
     """COCO annotations (``category_id`` already a class index) -> :class:`Instances`.
 
@@ -81,7 +59,7 @@ def coco_instances(annotations: list[dict[str, Any]], size: tuple[int, int]) -> 
     masks, boxes, labels, crowd, area = [], [], [], [], []
     for ann in annotations:
         bbox = ann.get("bbox")
-        m = decode_segmentation(ann.get("segmentation"), size)
+        m = decode_coco_segmentation(ann.get("segmentation"), size, ann.get("id"))
         if m is None:
             if not bbox or bbox[2] <= 0 or bbox[3] <= 0:
                 continue  # nothing to learn from: no shape and no box
@@ -101,13 +79,9 @@ def coco_instances(annotations: list[dict[str, Any]], size: tuple[int, int]) -> 
     return _pack(masks, boxes, labels, crowd, area, size)
 
 
-def mask_instances(ids: np.ndarray, spec: DatasetSpec, mask_name: str) -> Instances:
+def mask_instances(ids: np.ndarray, spec: DatasetSpec, mask_path: Path) -> Instances:
     """An instance-id mask (H, W) -> :class:`Instances`; classes from ``spec.class_map`` or all 1."""
-    table = None
-    if spec.class_map is not None:
-        table = spec.class_map.get(mask_name, spec.class_map.get(mask_name.rsplit(".", 1)[0]))
-        if table is None:
-            raise SeglabError(f"instance mask {mask_name} is not listed in data.yaml's class_map; add it")
+    table = class_table(spec, mask_path)
     object_ids = [int(i) for i in np.unique(ids) if i != 0]
     masks, labels = [], []
     for i in object_ids:
@@ -143,7 +117,7 @@ def read_instances(sample: Sample, spec: DatasetSpec) -> Instances:
             f"{spec.root}: --task instance/detect needs COCO annotations or instance-id masks "
             f"(mask_encoding: instance), not {spec.mask_encoding} masks"
         )
-    return mask_instances(read_instance_ids(sample.mask), spec, sample.mask.name)
+    return mask_instances(read_instance_ids(sample.mask), spec, Path(sample.mask))
 
 
 # --------------------------------------------------------------------------- dataset and transforms

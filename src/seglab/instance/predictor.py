@@ -166,15 +166,9 @@ class DetectorModel:
     ) -> InstanceResult | list[InstanceResult]:
         """Objects in one image (a path or an (H, W, C) uint8 array) or many (a folder or a list),
         keeping those scoring at least ``conf``."""
-        from seglab.engine.predictor import list_sources
+        from seglab.engine.predictor import expand_source
 
-        sources: list[str | Path | np.ndarray]
-        if isinstance(source, np.ndarray):
-            sources, single = [source], True
-        elif isinstance(source, str | Path):
-            sources, single = [*list_sources(source)], not Path(source).is_dir()
-        else:
-            sources, single = list(source), False
+        sources, single = expand_source(source)
         results = list(self.iter_predict(sources, conf=conf, batch=batch))
         return results[0] if single else results
 

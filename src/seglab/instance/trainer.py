@@ -11,7 +11,6 @@ around the loop is shared with ``engine/trainer.py``. The run folder is the same
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -25,7 +24,6 @@ import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from seglab.config import TrainConfig, to_dict
 from seglab.data import EpochSampler, get_split, resolve_dataset
@@ -33,7 +31,7 @@ from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
 from seglab.engine.inference import amp_dtype, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.engine.stopping import TrainingStopped, stop_on_signals
-from seglab.engine.trainer import next_run_dir, seed_everything
+from seglab.engine.trainer import epoch_bar, next_run_dir, read_csv, seed_everything, write_csv
 from seglab.errors import SeglabError
 from seglab.instance.data import InstanceDataset, collate_instances, train_transform
 from seglab.instance.evaluate import evaluate_detector
@@ -228,15 +226,7 @@ class InstanceTrainer:
         self.train_set.set_epoch(cfg.seed * 100_003 + epoch)
         sums: dict[str, float] = {}
         count = 0
-        bar = tqdm(
-            self.loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            initial=start,
-            total=start + len(self.loader),
-            disable=None if self.progress else True,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        bar = epoch_bar(self.loader, epoch, cfg.epochs, start, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, targets) in enumerate(bar, start=start):
             xs = [im.to(self.device, non_blocking=True).float().div_(255) for im in images]  # [C,H,W] 0..1
@@ -305,17 +295,8 @@ class InstanceTrainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.start_epoch, self.start_batch, self.best_ap = ckpt["epoch"], ckpt.get("batch_in_epoch", 0), ckpt["best_ap"]
-        path = self.run_dir / "metrics.csv"
-        if path.is_file():
-            with path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
+        self.rows = [r for r in read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
         self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
 
     def _write_csv(self) -> None:
-        path = self.run_dir / "metrics.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(path)
+        write_csv(self.run_dir / "metrics.csv", CSV_FIELDS, self.rows)
