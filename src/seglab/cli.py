@@ -44,11 +44,12 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    helps = field_help(TrainConfig)
+def _add_config_flags(p: argparse.ArgumentParser, schema: type = TrainConfig) -> None:
+    """A flag per field of a config dataclass (TrainConfig, GenConfig), its comment as the help."""
+    hints = typing.get_type_hints(schema)
+    helps = field_help(schema)
     p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below as keys")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(schema):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         is_optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_parser=p)
         return p
 
-    _add_train_flags(command("train", "train a model"))
+    _add_config_flags(command("train", "train a model"))
 
     p = command("val", "evaluate weights on a dataset split")
     p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
@@ -157,7 +158,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_arguments(command("prune", "remove channels, fine-tune, and report size, speed and mIoU"))
     add_serve_arguments(command("serve", "serve a model over HTTP, with a page at /"))
+    _add_gen_commands(command("gen", "images from label maps (pix2pix, SPADE), DCGAN/VAE baselines, synthetic data"))
     return parser
+
+
+def _add_gen_commands(p: argparse.ArgumentParser) -> None:
+    from seglab.gen.trainer import GenConfig
+
+    sub = p.add_subparsers(dest="gen_command", metavar="ACTION", parser_class=_Parser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        q.set_defaults(_parser=q)
+        return q
+
+    _add_config_flags(action("train", "train a generator (run folder in runs/gen/<name>)"), GenConfig)
+
+    q = action("sample", "paint a folder of label maps (pix2pix, spade), or --n images from noise (dcgan, vae)")
+    q.add_argument("--weights", required=True, metavar="FILE", help="a generator from seglab gen train")
+    q.add_argument("--masks", help="a label-map image or a folder of them (class indices, or the class colours)")
+    q.add_argument("--out", required=True, help="folder for the generated PNGs")
+    q.add_argument("--n", type=int, default=16, help="dcgan, vae: how many images (default: 16)")
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0, help="noise and dropout seed (default: 0)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    q = action("augment", "write generated image/mask pairs as a dataset that seglab train reads")
+    q.add_argument("--weights", required=True, metavar="FILE", help="a pix2pix or spade generator")
+    q.add_argument("--out", required=True, help="folder for images/, masks/, train.txt, val.txt and data.yaml")
+    q.add_argument("--data", help="label maps from this dataset's train split (default: the generator's data)")
+    q.add_argument("--n", type=int, help="pairs to write (default: one per training label map)")
+    q.add_argument(
+        "--rare", nargs="+", default=[], metavar="CLASS", help="classes to favour: maps rich in them are drawn more"
+    )
+    q.add_argument(
+        "--paste", type=int, default=0, help="paste the --rare regions of this many other maps into each (default: 0)"
+    )
+    q.add_argument(
+        "--real",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="list the real training pairs too (default: on)",
+    )
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
+
+    q = action("eval", "score a generator: segmenter mIoU on its images, FD/KID on Lite0 and Inception features")
+    q.add_argument("--weights", required=True, metavar="FILE", help="a generator from seglab gen train")
+    q.add_argument("--segmenter", metavar="FILE", help="a seglab segmentation checkpoint of the same classes")
+    q.add_argument("--data", help="dataset (default: the generator's own)")
+    q.add_argument("--split", default="val", help="split whose label maps and images are used (default: val)")
+    q.add_argument("--limit", type=int, help="only the first N images")
+    q.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity's Inception weights, for FID offline")
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--out", help="folder for metrics.json (default: runs/gen_eval/<name>, numbered)")
+    q.add_argument("--name", default="exp")
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -410,6 +469,55 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gen(args: argparse.Namespace) -> int:
+    import json
+
+    from seglab.engine.trainer import next_run_dir
+
+    if args.gen_command is None:
+        raise SeglabError("gen: choose an action: seglab gen train | sample | augment | eval (see seglab gen --help)")
+    if args.gen_command == "train":
+        from seglab.gen.trainer import GenConfig, train_generator
+
+        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenConfig)}
+        run = train_generator(args.config, **overrides)
+        return 128 + run["stopped"] if run["stopped"] else 0
+    for flag in ("n", "batch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise SeglabError(f"gen {args.gen_command}: --{flag} {value}: use 1 or more")
+    if args.gen_command == "sample":
+        from seglab.gen.sample import sample_folder
+
+        written = sample_folder(
+            args.weights, args.masks, args.out, n=args.n, batch=args.batch, device=args.device, seed=args.seed
+        )
+        print(f"gen sample: {len(written)} image(s) in {args.out}")
+        return 0
+    if args.gen_command == "augment":
+        from seglab.gen.sample import augment
+
+        if args.paste < 0:
+            raise SeglabError(f"gen augment: --paste {args.paste}: use 0 or more")
+        augment(
+            args.weights, args.out, data=args.data, n=args.n, rare=args.rare, paste=args.paste, with_real=args.real,
+            batch=args.batch, device=args.device, seed=args.seed, data_cache=args.data_cache,
+        )  # fmt: skip
+        return 0
+    from seglab.gen.evaluate import evaluate_generator, format_report
+
+    report = evaluate_generator(
+        args.weights, segmenter=args.segmenter, data=args.data, split=args.split, limit=args.limit,
+        batch=args.batch, device=args.device, seed=args.seed, inception_weights=args.inception_weights,
+    )  # fmt: skip
+    print(format_report(report))
+    out = Path(args.out) if args.out else next_run_dir("runs/gen_eval", args.name, exist_ok=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"gen eval: wrote {out / 'metrics.json'}")
+    return 0
+
+
 def _prune(args: argparse.Namespace) -> int:
     from seglab.deploy.prune_command import run
 
@@ -433,6 +541,7 @@ COMMANDS = {
     "quantize": _quantize,
     "prune": _prune,
     "serve": _serve,
+    "gen": _gen,
 }
 
 

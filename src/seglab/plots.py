@@ -18,17 +18,22 @@ def _float(value: Any) -> float | None:
 
 
 def plot_curves(
-    rows: Sequence[dict[str, Any]], path: str | Path, scores: dict[str, str] | None = None, title: str = "val mIoU (%)"
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    scores: dict[str, str] | None = None,
+    title: str = "val mIoU (%)",
+    losses: dict[str, str] | None = None,
 ) -> None:
-    """Loss (train and val) and the val scores per epoch, side by side, from metrics.csv rows.
+    """Losses and the val scores per epoch, side by side, from metrics.csv rows.
 
-    ``scores`` maps metrics.csv columns (fractions) to legend labels; default: val mIoU."""
+    ``scores`` maps metrics.csv columns (fractions, shown x 100) to legend labels; default: val
+    mIoU. ``losses`` does the same for the left panel; default: train and val loss."""
     from matplotlib.figure import Figure
 
     epochs = [int(r["epoch"]) for r in rows]
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_miou = fig.subplots(1, 2)
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+    for key, label in (losses or {"train_loss": "train", "val_loss": "val"}).items():
         points = [(e, _float(r.get(key))) for e, r in zip(epochs, rows, strict=True)]
         points = [(e, v) for e, v in points if v is not None]
         if points:

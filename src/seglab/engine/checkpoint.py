@@ -138,6 +138,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights (EMA weights when present)."""
     ckpt = load_checkpoint(path)
+    if ckpt["card"].get("task") == "generate":
+        raise SeglabError(
+            f"{path} is an image generator ({ckpt['card'].get('arch')}); use seglab gen sample / augment / eval with it"
+        )
     card = ModelCard(**ckpt["card"])
     card.colors = [tuple(c) for c in card.colors]  # type: ignore[misc]
     model = ckpt["module"] if "module" in ckpt else card.build()

@@ -1,0 +1,261 @@
+"""Using a trained generator: images from label maps (``seglab gen sample``) and new training pairs
+for a segmenter (``seglab gen augment``).
+
+Rare classes get more than their share in ``augment``: label maps are drawn with a weight that
+grows with their rare-class pixels, and each one receives the rare-class regions of other label
+maps ("copy-paste" in label space, Ghiasi et al. 2021, but before the image exists), so the
+generator paints poles, signs and cyclists in new places and the pair stays consistent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from seglab.data import get_split, resolve_dataset
+from seglab.data.formats.common import IMAGE_SUFFIXES
+from seglab.engine.inference import resolve_device
+from seglab.errors import SeglabError
+from seglab.gen.data import PairDataset, read_label_map, resize_labels, to_uint8
+from seglab.gen.models import VAE, GenCard, one_hot
+from seglab.gen.trainer import load_generator
+from seglab.registry import did_you_mean
+
+MASK_SUFFIXES = (*IMAGE_SUFFIXES, ".tif", ".tiff")
+
+
+def colorize(labels: torch.Tensor, card: GenCard) -> torch.Tensor:
+    """[H, W] class indices -> float [3, H, W] in [0, 1] in the class colours (ignore: black)."""
+    lut = torch.zeros(256, 3)
+    lut[: len(card.colors)] = torch.tensor(card.colors, dtype=torch.float32) / 255
+    return lut[labels.long().clamp(0, 255)].permute(2, 0, 1)
+
+
+class Generator:
+    """A trained generator, ready to paint: ``Generator("generator.pt")(labels) -> uint8 images``."""
+
+    def __init__(self, weights: str | Path, *, device: str = "auto", seed: int = 0) -> None:
+        self.model, self.card, ckpt = load_generator(weights)
+        self.config = ckpt.get("config", {})
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        if self.card.conditional:
+            self.model.train()  # pix2pix samples with dropout on: its only source of variety (no BatchNorm here)
+        self.rng = torch.Generator().manual_seed(seed)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.card.size[0], self.card.size[1]
+
+    @torch.no_grad()
+    def __call__(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps [B, H, W] (class indices, resized to the generator's size) -> uint8 [B, 3, H, W]."""
+        if not self.card.conditional:
+            raise SeglabError(f"a {self.card.arch} generator makes images from noise; use .sample(n)")
+        labels = torch.stack([resize_labels(lab, self.size) for lab in labels])
+        onehot = one_hot(labels, self.card.num_classes, self.card.ignore_index).to(self.device)
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=self.rng)))  # dropout, reproducibly
+        return to_uint8(self.model(onehot).cpu())
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` images from noise (dcgan, vae) -> uint8 [n, 3, H, W]."""
+        if self.card.conditional:
+            raise SeglabError(f"a {self.card.arch} generator paints label maps; call it with labels")
+        z = torch.randn(n, self.card.z_dim, generator=self.rng).to(self.device)
+        decode = cast(VAE, self.model).decode if self.card.arch == "vae" else self.model
+        return to_uint8(decode(z).cpu())
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def list_masks(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise SeglabError(f"--masks {folder}: no such file or folder; pass a folder of label-map images")
+    masks = sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
+    if not masks:
+        raise SeglabError(f"--masks {folder}: no mask images (.png, .tif, ...) in it")
+    return masks
+
+
+def sample_folder(
+    weights: str | Path, masks: str | Path | None, out: str | Path, *, n: int = 16, batch: int = 8,
+    device: str = "auto", seed: int = 0, progress: bool = True,
+) -> list[Path]:  # fmt: skip
+    """Paint every label map in ``masks`` (pix2pix, spade), or ``n`` images from noise (dcgan, vae),
+    into ``out`` as PNGs at the generator's size. Returns the written files."""
+    gen = Generator(weights, device=device, seed=seed)
+    out = Path(out)
+    written: list[Path] = []
+    if not gen.card.conditional:
+        if masks:
+            raise SeglabError(f"--masks: {weights} is an unconditional {gen.card.arch}; drop --masks, use --n")
+        for start in range(0, n, batch):
+            for i, image in enumerate(gen.sample(min(batch, n - start)), start=start):
+                written.append(out / f"sample_{i:05d}.png")
+                save_png(image.permute(1, 2, 0).numpy(), written[-1])
+        return written
+    if masks is None:
+        raise SeglabError(f"--masks is required: {weights} is a {gen.card.arch} generator that paints label maps")
+    paths = list_masks(masks)
+    card = gen.card
+    for start in tqdm(range(0, len(paths), batch), desc="sample", disable=None if progress else True):
+        chunk = paths[start : start + batch]
+        labels = [torch.from_numpy(read_label_map(p, card.num_classes, card.ignore_index, card.colors)) for p in chunk]
+        images = torch.cat([gen(lab[None]) for lab in labels]) if len({lab.shape for lab in labels}) > 1 else \
+            gen(torch.stack(labels))  # fmt: skip
+        for path, image in zip(chunk, images, strict=True):
+            written.append(out / f"{path.stem}.png")
+            save_png(image.permute(1, 2, 0).numpy(), written[-1])
+    return written
+
+
+# ---------------------------------------------------------------- augment
+def class_ids(names: Sequence[str], classes: Sequence[str], flag: str = "--rare") -> list[int]:
+    lower = [c.lower() for c in classes]
+    ids = []
+    for name in names:
+        if name.lower() not in lower:
+            raise SeglabError(
+                f"{flag} {name!r}{did_you_mean(name, list(classes))}: the classes are {', '.join(classes)}"
+            )
+        ids.append(lower.index(name.lower()))
+    return ids
+
+
+def paste_rare(
+    base: np.ndarray, donors: Sequence[np.ndarray], rare: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """``base`` with the rare-class pixels of each donor written over it (each donor flipped
+    left-right at random), so rare objects appear in new places of a plausible layout."""
+    out = base.copy()
+    for donor in donors:
+        if rng.random() < 0.5:
+            donor = donor[:, ::-1]
+        where = np.isin(donor, rare)
+        out[where] = donor[where]
+    return out
+
+
+def _pick(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices drawn by weight, without replacement while they last."""
+    p = weights / weights.sum()
+    picks: list[int] = []
+    while len(picks) < n:
+        take = min(n - len(picks), len(p))
+        picks += rng.choice(len(p), size=take, replace=False, p=p).tolist()
+    return np.asarray(picks)
+
+
+def augment(
+    weights: str | Path,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    n: int | None = None,
+    rare: Sequence[str] = (),
+    paste: int = 0,
+    with_real: bool = True,
+    batch: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    data_cache: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Write ``n`` generated pairs (``images/``, ``masks/``) and a ``data.yaml`` that ``seglab train`` reads.
+
+    Label maps come from the train split of ``data`` (default: the generator's own training data).
+    The dataset's train list holds the synthetic pairs and, ``with_real``, the real training pairs
+    (by absolute path, nothing is copied); its val list is the real val split, so a segmenter
+    trained on it is scored on real images only. Returns the data.yaml path.
+    """
+    gen = Generator(weights, device=device, seed=seed)
+    card = gen.card
+    if not card.conditional:
+        raise SeglabError(f"{weights} is an unconditional {card.arch}: its images have no label maps to train on")
+    data = data or gen.config.get("data")
+    if not data:
+        raise SeglabError(f"{weights} does not say which data it was trained on; pass --data")
+    spec = resolve_dataset(data, cache_dir=data_cache, progress=progress)
+    if spec.classes != card.classes:
+        raise SeglabError(f"--data {data}: its classes differ from the generator's ({', '.join(card.classes)})")
+    val_fraction, split_seed = gen.config.get("val_fraction", 0.1), gen.config.get("seed", 0)
+    train = get_split(spec, "train", val_fraction=val_fraction, seed=split_seed)
+    val = get_split(spec, "val", val_fraction=val_fraction, seed=split_seed)
+    n = len(train) if n is None else n
+    if n < 1:
+        raise SeglabError("--n must be at least 1")
+    out = Path(out)
+    if (out / "data.yaml").exists():
+        raise SeglabError(f"--out {out} already holds a generated dataset; choose another --out")
+    rare_ids = class_ids(rare, card.classes)
+    if paste and not rare_ids:
+        raise SeglabError("--paste copies rare-class regions between label maps; name them with --rare")
+
+    pairs = PairDataset(train, spec, card.size)
+    labels = [
+        pairs.read(i)[1].numpy()
+        for i in tqdm(range(len(pairs)), desc="reading masks", disable=None if progress else True)
+    ]
+    rng = np.random.default_rng(seed)
+    share = np.array([np.isin(lab, rare_ids).mean() for lab in labels]) if rare_ids else np.zeros(len(labels))
+    # a map with the average rare-class share is drawn 21x as often as one without rare pixels
+    weights_ = 1.0 + 20.0 * share / max(share.mean(), 1e-9) if rare_ids else np.ones(len(labels))
+    chosen = _pick(weights_, n, rng)
+    donors_by = _pick(np.maximum(share, 1e-6), n * paste, rng).reshape(n, paste) if paste else np.zeros((n, 0), int)
+
+    lines = []
+    for start in tqdm(range(0, n, batch), desc="augment", disable=None if progress else True):
+        maps = []
+        for k in range(start, min(start + batch, n)):
+            base = labels[chosen[k]]
+            maps.append(paste_rare(base, [labels[d] for d in donors_by[k]], rare_ids, rng) if paste else base)
+        images = gen(torch.from_numpy(np.stack(maps)))
+        for k, (lab, image) in enumerate(zip(maps, images, strict=True), start=start):
+            name = f"synth_{k:05d}_{train[chosen[k]].image.stem}"
+            save_png(image.permute(1, 2, 0).numpy(), out / "images" / f"{name}.png")
+            save_png(lab.astype(np.uint8), out / "masks" / f"{name}.png")
+            lines.append(f"images/{name}.png masks/{name}.png")
+    (out / "synthetic.txt").write_text("\n".join(lines) + "\n")
+    real = [f"{s.image.resolve()} {s.mask.resolve()}" for s in train if s.mask is not None]
+    (out / "train.txt").write_text("\n".join(lines + (real if with_real else [])) + "\n")
+    (out / "val.txt").write_text("\n".join(f"{s.image.resolve()} {s.mask.resolve()}" for s in val if s.mask) + "\n")
+    meta = {
+        "path": ".",
+        "format": "pairs",
+        "train": "train.txt",
+        "val": "val.txt",
+        "classes": list(card.classes),
+        "colors": [list(c) for c in card.colors],
+        "ignore_index": card.ignore_index,
+        "mask_encoding": "index",
+    }
+    header = (
+        f"# {n} pairs painted by {Path(weights).resolve()} ({card.arch}) from label maps of {data}"
+        + (f"; rare classes {', '.join(rare)}, {paste} pasted donor(s) per map" if rare else "")
+        + (
+            f"\n# train.txt: the synthetic pairs and the {len(real)} real ones"
+            if with_real
+            else "\n# train.txt: synthetic only"
+        )
+        + "\n"
+    )
+    (out / "data.yaml").write_text(header + yaml.safe_dump(meta, sort_keys=False))
+    log(f"gen augment: {n} pairs in {out / 'images'} and {out / 'masks'}; train with: seglab train --data {out}")
+    return out / "data.yaml"
