@@ -1,0 +1,87 @@
+"""pix2pix training-step speed on this CPU: float32 against seglab's `--amp` (bfloat16 autocast), and
+the discriminator width the CamVid recipe uses, measured in one run (interleaved rounds).
+
+    python benchmarks/gen_speed.py [--size 180 240] [--batch 4] [--rounds 3]
+
+One step = the discriminator's step on real and generated pairs, then the generator's (adversarial
+plus L1), exactly as ``GenTrainer.step`` runs it, on random label maps of CamVid's 11 classes.
+Rows: generator width 32 (the recipe), discriminator width 64 (pix2pix's) or 32 (the recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import write_result
+
+from seglab.gen.models import GenCard, build_discriminator, init_weights
+from seglab.gen.trainer import GenConfig, GenTrainer
+
+ROWS = {
+    "baseline: D width 64, float32": (64, False),
+    "D width 64, --amp": (64, True),
+    "D width 32, float32": (32, False),
+    "recipe: D width 32, --amp": (32, True),
+}
+
+
+class _Bench(GenTrainer):
+    """GenTrainer's networks, optimisers and step, without a dataset or a run folder."""
+
+    def __init__(self, cfg: GenConfig, size: list[int]) -> None:  # noqa: D107
+        self.cfg, self.device = cfg, torch.device("cpu")
+        self.card = GenCard("pix2pix", size, num_classes=11, ignore_index=11, width=cfg.width)
+        self.generator, self.discriminator = self.card.build(), build_discriminator(self.card, width=cfg.disc_width)
+        init_weights(self.generator)
+        init_weights(self.discriminator)
+        betas = (cfg.beta1, 0.999)
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=2, default=[180, 240])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per row and round (after one warm-up)")
+    args = parser.parse_args()
+
+    from seglab.gen.models import one_hot
+
+    g = torch.Generator().manual_seed(0)
+    labels = one_hot(torch.randint(0, 12, (args.batch, *args.size), generator=g), 11, 11)
+    real = torch.rand(args.batch, 3, *args.size, generator=g) * 2 - 1
+    benches = {
+        name: _Bench(GenConfig(data="-", width=32, disc_width=dw, amp=amp), args.size)
+        for name, (dw, amp) in ROWS.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in ROWS}
+    for _ in range(args.rounds):
+        for name, bench in benches.items():
+            bench.step(real, labels, g)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                bench.step(real, labels, g)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    base = min(times[next(iter(ROWS))])
+    rows = []
+    for name in ROWS:
+        best = min(times[name])
+        rows.append({"row": name, "s_per_step": round(best, 3), "speedup": round(base / best, 2)})
+        print(f"{name:32s} {best:6.3f} s/step  {base / best:5.2f}x")
+    write_result(
+        Path(__file__).parent / "results" / "gen_speed.json",
+        size=args.size,
+        batch=args.batch,
+        rounds=args.rounds,
+        steps=args.steps,
+        rows=rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
