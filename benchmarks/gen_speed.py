@@ -31,7 +31,7 @@ ROWS = {
 class _Bench(GenTrainer):
     """GenTrainer's networks, optimisers and step, without a dataset or a run folder."""
 
-    def __init__(self, cfg: GenConfig, size: list[int]) -> None:  # noqa: D107
+    def __init__(self, cfg: GenConfig, size: list[int]) -> None:
         self.cfg, self.device = cfg, torch.device("cpu")
         self.card = GenCard("pix2pix", size, num_classes=11, ignore_index=11, width=cfg.width)
         self.generator, self.discriminator = self.card.build(), build_discriminator(self.card, width=cfg.disc_width)
