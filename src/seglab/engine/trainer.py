@@ -44,7 +44,7 @@ from seglab.engine.distributed import all_reduce_sum, init_distributed
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
-from seglab.engine.stopping import TrainingStopped, stop_on_signals
+from seglab.engine.stopping import TrainingStopped, run_epochs
 from seglab.errors import SeglabError
 from seglab.losses import build_loss
 from seglab.models import SegmentationModel, build_model
@@ -269,18 +269,7 @@ class Trainer:
             f"train: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x {world} "
             f"process(es) x accumulate {cfg.accumulate}; lr {cfg.lr:g} as given (not scaled with the batch)"
         )
-        stopped = None
-        with stop_on_signals(self):
-            self.log(f"train: run folder {self.run_dir}")  # from here on, SIGINT/SIGTERM save and stop
-            try:
-                for epoch in range(self.start_epoch, cfg.epochs):
-                    self._run_epoch(epoch)
-            except TrainingStopped as stop:
-                stopped = self.stop_signal
-                self.log(
-                    f"train: stopped by signal {stopped} at epoch {stop.epoch + 1}, batch {stop.batch}; "
-                    f"continue with: seglab train --resume {self.run_dir / 'weights' / 'last.pt'}"
-                )
+        stopped = run_epochs(self, "train")
         if self.tb is not None:
             self.tb.close()
         if stopped is None:

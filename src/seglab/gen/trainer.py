@@ -28,7 +28,7 @@ from seglab.config import build_config, read_yaml
 from seglab.data import EpochSampler, get_split, resolve_dataset
 from seglab.engine.checkpoint import load_checkpoint, save_checkpoint
 from seglab.engine.inference import autocast, resolve_device
-from seglab.engine.stopping import TrainingStopped, stop_on_signals
+from seglab.engine.stopping import TrainingStopped, run_epochs
 from seglab.engine.trainer import epoch_bar, next_run_dir, read_csv, seed_everything, write_csv
 from seglab.errors import SeglabError
 from seglab.gen.data import PairDataset, generation_size, to_unit
@@ -230,18 +230,7 @@ class GenTrainer:
             f"gen train: {cfg.model} ({n_g:.2f}M generator, {n_d:.2f}M discriminator params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val pairs at {h}x{w}, amp {'on' if cfg.amp else 'off'}"
         )
-        self.log(f"gen train: run folder {self.run_dir}")
-        stopped = None
-        with stop_on_signals(self):
-            try:
-                for epoch in range(self.start_epoch, cfg.epochs):
-                    self._run_epoch(epoch)
-            except TrainingStopped as stop:
-                stopped = self.stop_signal
-                self.log(
-                    f"gen train: stopped by signal {stopped} at epoch {stop.epoch + 1}, batch {stop.batch}; "
-                    f"continue with: seglab gen train --resume {self.run_dir / 'weights' / 'last.pt'}"
-                )
+        stopped = run_epochs(self, "gen train")
         self.tb.close()
         if stopped is None:
             self.log(f"gen train: done; generator in {self.run_dir / 'weights' / 'generator.pt'}")

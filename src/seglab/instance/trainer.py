@@ -30,7 +30,7 @@ from seglab.data import EpochSampler, get_split, resolve_dataset
 from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
 from seglab.engine.inference import amp_dtype, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
-from seglab.engine.stopping import TrainingStopped, stop_on_signals
+from seglab.engine.stopping import TrainingStopped, run_epochs
 from seglab.engine.trainer import epoch_bar, next_run_dir, read_csv, seed_everything, write_csv
 from seglab.errors import SeglabError
 from seglab.instance.data import InstanceDataset, collate_instances, train_transform
@@ -158,18 +158,7 @@ class InstanceTrainer:
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes - 1} classes, "
             f"amp {'on' if cfg.amp else 'off'}"
         )
-        stopped = None
-        with stop_on_signals(self):
-            self.log(f"train: run folder {self.run_dir}")
-            try:
-                for epoch in range(self.start_epoch, cfg.epochs):
-                    self._run_epoch(epoch)
-            except TrainingStopped as stop:
-                stopped = self.stop_signal
-                self.log(
-                    f"train: stopped by signal {stopped} at epoch {stop.epoch + 1}, batch {stop.batch}; "
-                    f"continue with: seglab train --resume {self.run_dir / 'weights' / 'last.pt'}"
-                )
+        stopped = run_epochs(self, "train")
         self.tb.close()
         if stopped is None:
             self.log(
