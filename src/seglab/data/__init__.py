@@ -8,7 +8,15 @@ print(check_dataset("path/to/data").format())
 
 from seglab.data.check import CheckReport, Problem, check_dataset, class_pixel_counts
 from seglab.data.dataset import EpochSampler, SegmentationDataset, build_loader, collate_pad
-from seglab.data.formats import FORMATS, DatasetFormat, color_palette, get_split, resolve_dataset, split_names
+from seglab.data.formats import (
+    FORMATS,
+    DatasetFormat,
+    color_palette,
+    get_split,
+    resolve_dataset,
+    split_names,
+    train_val_splits,
+)
 from seglab.data.io import read_image, read_mask
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.data.synthetic import make_shapes_dataset
@@ -37,4 +45,5 @@ __all__ = [
     "read_mask",
     "resolve_dataset",
     "split_names",
+    "train_val_splits",
 ]

@@ -72,20 +72,20 @@ def _atomic_save(image: Image.Image, path: Path, **params: Any) -> None:
         raise
 
 
-def list_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """A file, a folder (its images, sorted) or a list of files -> image paths."""
+def list_sources(source: str | Path | Sequence[str | Path], flag: str = "--source") -> list[Path]:
+    """A file, a folder (its images, sorted) or a list of files -> image paths; errors name ``flag``."""
     from seglab.errors import SeglabError
 
     if not isinstance(source, str | Path):
-        return [p for s in source for p in list_sources(s)]
+        return [p for s in source for p in list_sources(s, flag)]
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise SeglabError(f"--source {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise SeglabError(f"{flag} {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return files
     if not path.exists():
-        raise SeglabError(f"--source {path}: no such file or folder")
+        raise SeglabError(f"{flag} {path}: no such file or folder")
     return [path]
 
 

@@ -36,8 +36,8 @@ from seglab.data import (
     SegmentationDataset,
     TrainTransform,
     build_loader,
-    get_split,
     resolve_dataset,
+    train_val_splits,
 )
 from seglab.engine.checkpoint import ModelCard, load_checkpoint, make_payload, save_checkpoint
 from seglab.engine.distributed import all_reduce_sum, init_distributed
@@ -132,12 +132,9 @@ class Trainer:
         # ---- data
         spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=self.progress)
         self.spec = spec
-        train_samples = get_split(spec, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        val_samples = get_split(spec, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if cfg.limit:
-            train_samples, val_samples = train_samples[: cfg.limit], val_samples[: cfg.limit]
-        if not train_samples or not val_samples:
-            raise SeglabError(f"{cfg.data}: the train and val splits need at least one image each")
+        train_samples, val_samples = train_val_splits(
+            spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit
+        )
         crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
         train_tf = TrainTransform(
             cfg.img_size, crop, (cfg.scale_range[0], cfg.scale_range[1]), cfg.hflip, cfg.jitter, spec.ignore_index

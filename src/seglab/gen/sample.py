@@ -19,16 +19,14 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from seglab.data import get_split, resolve_dataset
-from seglab.data.formats.common import IMAGE_SUFFIXES
+from seglab.data import get_split, read_mask, resolve_dataset
 from seglab.engine.inference import resolve_device
+from seglab.engine.predictor import list_sources
 from seglab.errors import SeglabError
-from seglab.gen.data import PairDataset, read_label_map, resize_labels, to_uint8
+from seglab.gen.data import read_label_map, resize_labels, to_uint8
 from seglab.gen.models import VAE, GenCard, one_hot
 from seglab.gen.trainer import load_generator
 from seglab.registry import did_you_mean
-
-MASK_SUFFIXES = (*IMAGE_SUFFIXES, ".tif", ".tiff")
 
 
 def colorize(labels: torch.Tensor, card: GenCard) -> torch.Tensor:
@@ -55,8 +53,9 @@ class Generator:
         return self.card.size[0], self.card.size[1]
 
     @torch.no_grad()
-    def __call__(self, labels: torch.Tensor) -> torch.Tensor:
-        """Label maps [B, H, W] (class indices, resized to the generator's size) -> uint8 [B, 3, H, W]."""
+    def __call__(self, labels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Label maps ([B, H, W], or a list of [H, W] of any sizes; class indices, resized to the
+        generator's size) -> uint8 [B, 3, H, W]."""
         if not self.card.conditional:
             raise SeglabError(f"a {self.card.arch} generator makes images from noise; use .sample(n)")
         labels = torch.stack([resize_labels(lab, self.size) for lab in labels])
@@ -81,18 +80,6 @@ def save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
-def list_masks(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise SeglabError(f"--masks {folder}: no such file or folder; pass a folder of label-map images")
-    masks = sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
-    if not masks:
-        raise SeglabError(f"--masks {folder}: no mask images (.png, .tif, ...) in it")
-    return masks
-
-
 def sample_folder(
     weights: str | Path, masks: str | Path | None, out: str | Path, *, n: int = 16, batch: int = 8,
     device: str = "auto", seed: int = 0, progress: bool = True,
@@ -112,13 +99,12 @@ def sample_folder(
         return written
     if masks is None:
         raise SeglabError(f"--masks is required: {weights} is a {gen.card.arch} generator that paints label maps")
-    paths = list_masks(masks)
+    paths = list_sources(masks, "--masks")
     card = gen.card
     for start in tqdm(range(0, len(paths), batch), desc="sample", disable=None if progress else True):
         chunk = paths[start : start + batch]
         labels = [torch.from_numpy(read_label_map(p, card.num_classes, card.ignore_index, card.colors)) for p in chunk]
-        images = torch.cat([gen(lab[None]) for lab in labels]) if len({lab.shape for lab in labels}) > 1 else \
-            gen(torch.stack(labels))  # fmt: skip
+        images = gen(labels)
         for path, image in zip(chunk, images, strict=True):
             written.append(out / f"{path.stem}.png")
             save_png(image.permute(1, 2, 0).numpy(), written[-1])
@@ -208,10 +194,9 @@ def augment(
     if paste and not rare_ids:
         raise SeglabError("--paste copies rare-class regions between label maps; name them with --rare")
 
-    pairs = PairDataset(train, spec, card.size)
-    labels = [
-        pairs.read(i)[1].numpy()
-        for i in tqdm(range(len(pairs)), desc="reading masks", disable=None if progress else True)
+    labels = [  # the masks only: the images are not needed
+        resize_labels(torch.from_numpy(read_mask(s, spec)), card.size).numpy()
+        for s in tqdm(train, desc="reading masks", disable=None if progress else True)
     ]
     rng = np.random.default_rng(seed)
     share = np.array([np.isin(lab, rare_ids).mean() for lab in labels]) if rare_ids else np.zeros(len(labels))

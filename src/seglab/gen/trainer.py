@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from seglab.config import build_config, read_yaml
-from seglab.data import EpochSampler, get_split, resolve_dataset
+from seglab.data import EpochSampler, resolve_dataset, train_val_splits
 from seglab.engine.checkpoint import load_checkpoint, save_checkpoint
 from seglab.engine.inference import autocast, resolve_device
 from seglab.engine.stopping import TrainingStopped, run_epochs
@@ -155,12 +155,7 @@ class GenTrainer:
 
         # ---- data
         spec = self.spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=progress)
-        train = get_split(spec, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        val = get_split(spec, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if cfg.limit:
-            train, val = train[: cfg.limit], val[: cfg.limit]
-        if not train or not val:
-            raise SeglabError(f"{cfg.data}: the train and val splits need at least one image each")
+        train, val = train_val_splits(spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
         if len(train) < cfg.batch:
             raise SeglabError(f"--batch {cfg.batch} is more than the {len(train)} training images; lower --batch")
         size = checkpoint["card"]["size"] if checkpoint else generation_size(train[0].image, cfg.img_size)
@@ -299,21 +294,11 @@ class GenTrainer:
         return {k: v / max(1, len(batches)) for k, v in sums.items()}
 
     def step(self, real: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> dict[str, float]:
-        """One optimisation step of the discriminator, then the generator; returns the loss parts."""
+        """One optimisation step of the discriminator, then the generator (the VAE: its one step);
+        returns the loss parts."""
         cfg, device = self.cfg, self.device
-        with autocast(device, cfg.amp):
-            if self.card.arch == "vae":
-                recon, mu, logvar = self.generator(real)
         if self.card.arch == "vae":
-            rec = F.mse_loss(recon.float(), real, reduction="sum") / len(real)
-            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(real)
-            loss = rec + cfg.kl_weight * kl
-            self._check(loss)
-            self.optimizer_g.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer_g.step()
-            return {"loss_g": loss.item(), "l1": (recon.float() - real).abs().mean().item(), "kl": kl.item()}
-
+            return self._vae_step(real)
         assert self.discriminator is not None and self.optimizer_d is not None
         conditional = self.card.conditional
         with autocast(device, cfg.amp):
@@ -348,6 +333,18 @@ class GenTrainer:
         self.optimizer_g.step()
         self.discriminator.requires_grad_(True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "loss_adv": loss_adv.item(), "l1": l1.item()}
+
+    def _vae_step(self, real: torch.Tensor) -> dict[str, float]:
+        with autocast(self.device, self.cfg.amp):
+            recon, mu, logvar = self.generator(real)
+        rec = F.mse_loss(recon.float(), real, reduction="sum") / len(real)
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(real)
+        loss = rec + self.cfg.kl_weight * kl
+        self._check(loss)
+        self.optimizer_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_g.step()
+        return {"loss_g": loss.item(), "l1": (recon.float() - real).abs().mean().item(), "kl": kl.item()}
 
     def _check(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):

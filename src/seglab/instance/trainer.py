@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from seglab.config import TrainConfig, to_dict
-from seglab.data import EpochSampler, get_split, resolve_dataset
+from seglab.data import EpochSampler, resolve_dataset, train_val_splits
 from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
 from seglab.engine.inference import amp_dtype, resolve_device
 from seglab.engine.schedule import build_optimizer, build_scheduler
@@ -73,12 +73,7 @@ class InstanceTrainer:
 
         # ---- data
         spec = self.spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=progress, task=cfg.task)
-        train = get_split(spec, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        val = get_split(spec, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if cfg.limit:
-            train, val = train[: cfg.limit], val[: cfg.limit]
-        if not train or not val:
-            raise SeglabError(f"{cfg.data}: the train and val splits need at least one image each")
+        train, val = train_val_splits(spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
         for note in spec.notes:
             self.log(f"data: {note}")
         scale = (cfg.scale_range[0], cfg.scale_range[1])

@@ -78,6 +78,7 @@ __all__ = [
     "resolve_dataset",
     "split_names",
     "thread_map",
+    "train_val_splits",
 ]
 
 # --------------------------------------------------------------------------- entry points
@@ -181,6 +182,19 @@ def resolve_dataset(
 def _holdout(n: int, val_fraction: float, seed: int) -> list[int]:
     k = max(1, round(n * val_fraction))
     return sorted(random.Random(seed).sample(range(n), k))
+
+
+def train_val_splits(
+    spec: DatasetSpec, *, val_fraction: float, seed: int, limit: int | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """The train and val samples a training run uses (each cut to ``limit``); both must be non-empty."""
+    train = get_split(spec, "train", val_fraction=val_fraction, seed=seed)
+    val = get_split(spec, "val", val_fraction=val_fraction, seed=seed)
+    if limit:
+        train, val = train[:limit], val[:limit]
+    if not train or not val:
+        raise SeglabError(f"{spec.root}: the train and val splits need at least one image each")
+    return train, val
 
 
 def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: int = 0) -> list[Sample]:
