@@ -94,38 +94,53 @@ CAMVID_COLORS = [
 MakeCheckpoint = Callable[..., Path]
 
 
-@pytest.fixture
-def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
-    """``make_checkpoint(arch, encoder=None, img_size=64, seed=0) -> best.pt``: a seglab checkpoint with
-    random weights and CamVid's 11 classes and colours, in seconds (no training)."""
+def random_checkpoint(
+    path: Path,
+    arch: str,
+    encoder: str | None = None,
+    *,
+    img_size: int = 64,
+    crop: list[int] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A seglab checkpoint at ``path`` with random weights and CamVid's 11 classes and colours, in
+    seconds (no training); BatchNorm statistics away from the identity, as after training."""
     import torch
 
     from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
     from seglab.models import MODELS
 
+    torch.manual_seed(seed)
+    card = ModelCard(
+        arch=arch,
+        encoder=encoder or MODELS[arch].default_encoder,
+        num_classes=11,
+        in_channels=3,
+        classes=CAMVID_CLASSES,
+        colors=CAMVID_COLORS,
+        ignore_index=11,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        img_size=img_size,
+        crop_size=crop or [img_size * 3 // 4, img_size],
+    )
+    model = card.build().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(path, make_payload(model, card, config={}, metrics=None))
+    return path
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
+    """``make_checkpoint(arch, encoder=None, img_size=64, seed=0) -> best.pt``: see ``random_checkpoint``."""
+    from seglab.models import MODELS
+
     def make(arch: str, encoder: str | None = None, img_size: int = 64, seed: int = 0) -> Path:
-        torch.manual_seed(seed)
-        card = ModelCard(
-            arch=arch,
-            encoder=encoder or MODELS[arch].default_encoder,
-            num_classes=11,
-            in_channels=3,
-            classes=CAMVID_CLASSES,
-            colors=CAMVID_COLORS,
-            ignore_index=11,
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
-            img_size=img_size,
-            crop_size=[img_size * 3 // 4, img_size],
-        )
-        model = card.build().eval()
-        with torch.no_grad():  # BatchNorm statistics away from the identity, as after training
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.1, 0.1)
-                    m.running_var.uniform_(0.5, 1.5)
-        path = tmp_path / "ckpt" / f"{arch}-{card.encoder}-{seed}.pt"
-        save_checkpoint(path, make_payload(model, card, config={}, metrics=None))
-        return path
+        name = f"{arch}-{encoder or MODELS[arch].default_encoder}-{seed}.pt"
+        return random_checkpoint(tmp_path / "ckpt" / name, arch, encoder, img_size=img_size, seed=seed)
 
     return make

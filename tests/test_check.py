@@ -93,8 +93,9 @@ def test_unknown_colours_are_reported(tmp_path, write_png):
     write_png(root / "masks" / "x.png", np.array([[[0, 0, 0], [255, 0, 0], [1, 2, 3]]], np.uint8))
     (root / "data.yaml").write_text("classes: [bg, fg]\ncolors: [[0, 0, 0], [255, 0, 0]]\n")
     report = check_dataset(root)
-    (problem,) = report.problems
+    problem, split = report.problems
     assert problem.kind == "color" and "(1, 2, 3) (1 px)" in problem.message and "x.png" in problem.message
+    assert split.kind == "split" and "only 1 training image(s)" in split.message  # what train refuses too
 
 
 def test_held_out_val_is_counted_and_excluded_from_histogram(tmp_path, write_png):

@@ -203,9 +203,10 @@ def test_resume_continues_to_identical_weights(tmp_path, shapes):
     ]
     assert seglab("train", *common, "--name", "straight", cwd=tmp_path).returncode == 0
     straight = tmp_path / "runs/train/straight"
-    # A run that stopped after epoch 1: its epoch-1 checkpoint and its first metrics row.
+    # A run that stopped after epoch 1: its config, its epoch-1 checkpoint and its first metrics row.
     stopped = tmp_path / "runs/train/stopped"
     (stopped / "weights").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", stopped / "config.yaml")
     shutil.copy(straight / "weights/epoch1.pt", stopped / "weights/last.pt")
     lines = (straight / "metrics.csv").read_text().splitlines()
     (stopped / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")
@@ -327,7 +328,9 @@ def test_truncated_checkpoint(tmp_path, trained, shapes):
 
 def test_weights_from_another_model(tmp_path, trained, shapes):
     ckpt = torch.load(trained, weights_only=False)
-    ckpt["card"]["num_classes"] = ckpt["card"]["num_classes"] + 3
+    card = ckpt["card"]  # a card that is consistent in itself, for 3 classes more than the weights have
+    card.update(num_classes=card["num_classes"] + 3, classes=[*card["classes"], "x", "y", "z"])
+    card.update(colors=[*card["colors"], (1, 2, 3), (4, 5, 6), (7, 8, 9)])
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
     assert_user_error(seglab("val", "--weights", other, "--data", shapes, cwd=tmp_path), "other.pt", "do not match")
@@ -388,7 +391,7 @@ def test_data_check_exit_status(tmp_path, shapes, broken_copy):
     victim = sorted((broken / "masks" / "val").glob("*.png"))[0]
     victim.unlink()
     proc = seglab("data", "check", broken, cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert victim.stem in proc.stdout
 
 

@@ -140,12 +140,12 @@ def test_val_and_predict_on_onnx_match_the_checkpoint(make_checkpoint, tmp_path,
     assert (masks[0] == masks[1]).mean() > 0.999
 
 
-def test_fixed_size_onnx_says_how_to_reexport(make_checkpoint, tmp_path):
+def test_fixed_size_onnx_letterboxes_other_sizes_and_batches(make_checkpoint, tmp_path):
     weights = make_checkpoint("fcn")
-    path = export(weights, format="onnx", out=tmp_path / "m.onnx", log=lambda m: None).path  # 48x64 only
-    model = seglab.load(path)
-    with pytest.raises(SeglabError, match="--dynamic"):
-        model.predict(np.zeros((30, 64, 3), np.uint8))
+    path = export(weights, format="onnx", out=tmp_path / "m.onnx", log=lambda m: None).path  # 1x3x48x64 only
+    model, reference = seglab.load(path), seglab.load(weights)
+    image = np.random.default_rng(0).integers(0, 256, (30, 64, 3), dtype=np.uint8)  # padded to 48x64 inside
+    assert (model.predict(image).mask == reference.predict(image).mask).all()  # both pad it to 64x64 in the end
     batch = [np.zeros((48, 64, 3), np.uint8)] * 3  # a fixed batch of 1 is fed one image at a time
     assert len(model.predict(batch, batch=3)) == 3
 

@@ -364,7 +364,11 @@ def test_yaml_overrides_and_is_validated(tiny_dataset, tmp_path):
         ("mask_encoding: rgbb\n", r"unknown mask_encoding 'rgbb' \(did you mean 'rgb'\?\)"),
         ("classes: [a, b]\ncolors: [[0, 0, 0]]\n", r"1 colors for 2 classes"),
         ("classes: [a, b]\ncolors: [[0, 0, 0], [0, 0, 300]]\n", r"colors\[1\]"),
-        ("ignore_index: 1\n", r"ignore_index 1 is also a class index"),
+        (
+            "classes: [a, b, c]\nignore_index: 1\n",
+            r"ignore_index 1 is also a class index \('b'\); use a value of at least 3",
+        ),
+        ("ignore_index: 1\n", r"the masks hold the value 255, which ignore_index 1 makes a class \(the 256th\)"),
     ]
     for text, pattern in cases:
         (tiny_dataset / "data.yaml").write_text(text)

@@ -311,7 +311,7 @@ def test_voc_coco_sample_matches_its_voc_instance_masks(shared_data: Path):
 
 
 def test_data_check_reads_instance_masks_and_points_at_the_encoding(instance_masks: Path, capsys):
-    assert main(["data", "check", str(instance_masks)]) == 1  # 16-bit ids read as class indices: wrong
+    assert main(["data", "check", str(instance_masks)]) == 2  # 16-bit ids read as class indices: wrong
     assert "mask_encoding: instance" in capsys.readouterr().out
     (instance_masks / "data.yaml").write_text("mask_encoding: instance\n")
     assert main(["data", "check", str(instance_masks)]) == 0

@@ -347,7 +347,8 @@ def raw_upload(server: Server, headers: bytes, chunks: Iterator[bytes]) -> tuple
     """POST /predict byte by byte as a client that sends everything before reading the answer;
     the reply (b"" when the connection was reset) and whether the server stopped the sending."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n" + headers + b"\r\n")
+        host = f"Host: 127.0.0.1:{server.port}\r\n".encode()  # the server answers its own name only
+        s.sendall(b"POST /predict HTTP/1.1\r\n" + host + b"Content-Type: image/png\r\n" + headers + b"\r\n")
         cut_off = False
         try:
             for chunk in chunks:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,16 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from seglab.config import TrainConfig, build_config, load_train_config
+from seglab.data.io import MAX_PIXELS
 from seglab.engine.checkpoint import ModelCard, load_model
 from seglab.engine.evaluator import EvalResult, evaluate
-from seglab.engine.inference import Inferencer, resize_to, resolve_device
+from seglab.engine.inference import Inferencer, resized_labels, resolve_device
 from seglab.engine.predictor import Result, expand_source
 from seglab.errors import SeglabError
+from seglab.files import atomic_path
 
 TTA_SCALES = (0.75, 1.0, 1.25)
+WHOLE_IMAGE_MAX_SIDE = 8192  # whole-image prediction holds the model's activations for all of the image
 
 
 @dataclass
@@ -52,7 +56,7 @@ def train(config: str | None = None, *, progress: bool = True, log=print, **over
 
     checkpoint = None
     if overrides.get("resume"):
-        cfg, checkpoint = resume_config(overrides)
+        cfg, checkpoint = resume_config(overrides, log=log)
     else:
         cfg = load_train_config(config, **overrides)
     if cfg.task != "semantic":
@@ -64,42 +68,35 @@ def train(config: str | None = None, *, progress: bool = True, log=print, **over
     return TrainRun(out["run_dir"], out["best_miou"], out["rows"], out["stopped"])
 
 
-RESUME_OVERRIDES = ("epochs", "device", "workers")
+def resume_config(overrides: dict[str, Any], *, log=print) -> tuple[TrainConfig, dict[str, Any]]:
+    """A resumed run keeps its own settings; only where it runs, for how long and where it writes may change."""
+    from seglab.engine.checkpoint import read_resumable
+    from seglab.engine.runs import RESUME_OVERRIDES
 
-
-def resume_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """A resumed run keeps its own settings; only where it runs and for how long may change."""
-    from seglab.engine.checkpoint import load_checkpoint, previous_of
-
-    try:
-        ckpt = load_checkpoint(overrides["resume"])
-    except SeglabError as e:
-        previous = previous_of(overrides["resume"])
-        if not previous.is_file():
-            raise
-        print(f"resume: {e}; falling back to the previous checkpoint {previous}")
-        ckpt = load_checkpoint(previous)
-        overrides = {**overrides, "resume": str(previous)}
-    if "optimizer" not in ckpt:
-        raise SeglabError(f"{overrides['resume']} holds no training state; resume from weights/last.pt")
+    trust = bool(overrides.get("trust_weights"))
+    ckpt, path = read_resumable(overrides["resume"], trust=trust, key="optimizer", log=log)
     changed = sorted(k for k, v in overrides.items() if v is not None and k not in (*RESUME_OVERRIDES, "resume"))
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise SeglabError(
             f"--resume continues a run with its own settings; {flags} cannot change "
-            f"(only --epochs, --device and --workers can)"
+            f"(only --epochs, --device, --workers, --out and --name can)"
         )
-    saved = {**ckpt["config"], "resume": str(overrides["resume"])}
+    if not isinstance(ckpt.get("config"), dict):
+        raise SeglabError(f"{path} holds no training config; resume from a weights/last.pt that seglab train wrote")
+    saved = {**ckpt["config"], "resume": str(path)}
     saved.update({k: overrides[k] for k in RESUME_OVERRIDES if overrides.get(k) is not None})
-    return build_config(TrainConfig, saved, str(overrides["resume"])), ckpt
+    return build_config(TrainConfig, saved, str(path)), ckpt
 
 
-def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> Any:
+def load(weights: str | Path, *, device: str = "auto", amp: bool = False, trust: bool = False) -> Any:
     """Load a seglab checkpoint (``best.pt`` / ``last.pt``), or a seglab export (``.onnx``, run by
     ONNX Runtime; ``.torchscript``; ``.pt2``), for prediction and evaluation.
 
     A semantic model comes back as a :class:`SegModel`; a Mask R-CNN / Faster R-CNN checkpoint
-    (``--task instance`` / ``detect``) as a :class:`seglab.instance.predictor.DetectorModel`."""
+    (``--task instance`` / ``detect``) as a :class:`seglab.instance.predictor.DetectorModel`.
+    Checkpoints are read as data only; ``trust=True`` also loads one that needs pickled Python
+    objects (which can run code: only for files you made yourself, e.g. with an older seglab)."""
     from seglab.deploy.runtime import exported_format, load_exported
 
     if exported_format(weights):
@@ -109,7 +106,7 @@ def load(weights: str | Path, *, device: str = "auto", amp: bool = False) -> Any
         backend = {"onnx": "onnxruntime"}.get(meta["format"], meta["format"])
         config = {"data": meta.get("data")}
         return SegModel(module, card, device=device, metrics=meta.get("metrics"), config=config, backend=backend)
-    model, card, ckpt = load_model(weights)
+    model, card, ckpt = load_model(weights, trust=trust)
     if card.task != "semantic":  # Mask R-CNN / Faster R-CNN
         from seglab.instance.predictor import DetectorModel
 
@@ -204,23 +201,31 @@ class SegModel:
 
         if batch < 1:
             raise SeglabError(f"predict: --batch {batch}: use 1 or more")
+        check_img_size(img_size, slide)
         inferencer = self.inferencer(tta=tta, slide=slide)
         resize = EvalTransform(self.card.img_size if img_size is None else img_size)
         pending: list[tuple[np.ndarray, Path | None]] = []
-        for item in sources:
+        for i, item in enumerate(sources):
             if isinstance(item, np.ndarray):
                 pending.append((item if item.ndim == 3 else item[..., None], None))
             else:
                 pending.append((read_image(item, self.card.in_channels), Path(item)))
-            if len(pending) == batch:
-                yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
+            if len(pending) == batch or i == len(sources) - 1:
+                with out_of_memory(pending, slide):
+                    yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
                 pending = []
-        yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
 
     def _predict_batch(self, items, inferencer: Inferencer, resize, slide: bool, confidence: bool) -> Iterator[Result]:
         from seglab.data.dataset import as_tensor
 
         sizes = [image.shape[:2] for image, _ in items]
+        for (_, path), (h, w) in zip(items, sizes, strict=True):
+            scale = resize.img_size / max(h, w) if resize.img_size else 1.0
+            if h * w * scale * scale > MAX_PIXELS:  # an upscaled copy that could not fit in memory
+                raise SeglabError(
+                    f"predict: --img-size {resize.img_size} makes {path or 'the image'} ({w}x{h}) "
+                    f"{round(w * scale)}x{round(h * scale)}, more than {MAX_PIXELS:,} pixels; use a smaller --img-size"
+                )
         xs = [resize.resize_image(as_tensor(image).permute(2, 0, 1)) for image, _ in items]  # [C,h,w], no copy
         if slide:  # any size in bounded memory: labels, not [K,H,W] probabilities
             for (image, path), x, (h, w) in zip(items, xs, sizes, strict=True):
@@ -238,14 +243,15 @@ class SegModel:
                 scores = inferencer.probabilities(batch)  # [B,K,h,w]
             else:  # the argmax of the logits is the argmax of the softmax: skip the softmax
                 scores = inferencer.logits(batch)
-            for j, i in enumerate(group):
-                best, mask = resize_to(scores[j : j + 1], sizes[i])[0].max(0)
-                yield self._result(items[i][0], items[i][1], mask, best if confidence else None)
+            for j, i in enumerate(group):  # the argmax at the image's size, in bands of rows: bounded memory
+                mask, best = resized_labels(scores[j], sizes[i], confidence=confidence)
+                yield self._result(items[i][0], items[i][1], mask, best)
 
     def _result(self, image: np.ndarray, path: Path | None, mask: torch.Tensor, conf: torch.Tensor | None) -> Result:
         card = self.card
         conf_array = conf.float().cpu().numpy() if conf is not None else None
-        return Result(image, mask.byte().cpu().numpy(), card.classes, card.colors, conf_array, path)
+        labels = mask.cpu().numpy().astype(np.uint8 if card.num_classes <= 256 else np.uint16, copy=False)
+        return Result(image, labels, card.classes, card.colors, conf_array, path)
 
     def evaluate(
         self,
@@ -313,6 +319,39 @@ class SegModel:
         )
 
 
+def check_img_size(img_size: int | None, slide: bool) -> None:
+    """Sizes that the prediction path can hold in memory: --img-size 0 (the image's own size) only
+    with the sliding window, whose memory does not grow with the image; at most
+    WHOLE_IMAGE_MAX_SIDE on the long side for a whole-image forward pass."""
+    if img_size is None:
+        return
+    if img_size < 0 or 0 < img_size < 16:
+        raise SeglabError(f"predict: --img-size {img_size}: use 16 or more (or 0 with --slide for full resolution)")
+    if img_size == 0 and not slide:
+        raise SeglabError("predict: --img-size 0 predicts at full resolution, which needs --slide (bounded memory)")
+    if img_size > WHOLE_IMAGE_MAX_SIDE and not slide:
+        raise SeglabError(
+            f"predict: --img-size {img_size}: a whole-image forward pass is capped at {WHOLE_IMAGE_MAX_SIDE} px "
+            "on the long side; add --slide for larger sizes"
+        )
+
+
+@contextmanager
+def out_of_memory(items: Sequence[tuple[np.ndarray, Path | None]], slide: bool) -> Iterator[None]:
+    """Running out of memory on an image is one line naming it and the bounded-memory way to predict it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("can't allocate memory", "out of memory")):
+            raise
+        image, path = items[0]
+        name = str(path) if path else "an image"
+        fix = "use a smaller --img-size" if slide else "predict it with --slide --img-size 0 (bounded memory)"
+        raise SeglabError(
+            f"predict: out of memory on {name} ({image.shape[1]}x{image.shape[0]}, batch of {len(items)}); {fix}"
+        ) from None
+
+
 def write_metrics(result: EvalResult, out_dir: str | Path, class_names: list[str]) -> Path:
     """metrics.json and confusion_matrix.png into ``out_dir``."""
     from seglab.metrics import plot_confusion
@@ -320,8 +359,7 @@ def write_metrics(result: EvalResult, out_dir: str | Path, class_names: list[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.metrics, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result.metrics, indent=2))
     plot_confusion(result.confusion.numpy(), class_names, out / "confusion_matrix.png")
     return path

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Sequence
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--data", help="images for the parity check (default: the training data's val split)")
     p.add_argument("--check-images", type=int, default=8, help="images in the parity check (default: 8)")
+    add_trust_flag(p)
 
     p = command("quantize", "int8 post-training quantisation of an ONNX export, with a report")
     p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or its ONNX export")
@@ -152,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="report: evaluate only the first N val images")
     p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
+    add_trust_flag(p)
 
     from seglab.deploy.prune_command import add_arguments as add_prune_arguments
     from seglab.serve.command import add_arguments as add_serve_arguments
@@ -182,6 +186,7 @@ def _add_gen_commands(p: argparse.ArgumentParser) -> None:
     q.add_argument("--batch", type=int, default=8)
     q.add_argument("--seed", type=int, default=0, help="noise and dropout seed (default: 0)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_trust_flag(q)
 
     q = action("augment", "write generated image/mask pairs as a dataset that seglab train reads")
     q.add_argument("--weights", required=True, metavar="FILE", help="a pix2pix or spade generator")
@@ -204,6 +209,7 @@ def _add_gen_commands(p: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
+    add_trust_flag(q)
 
     q = action("eval", "score a generator: segmenter mIoU on its images, FD/KID on Lite0 and Inception features")
     q.add_argument("--weights", required=True, metavar="FILE", help="a generator from seglab gen train")
@@ -217,6 +223,7 @@ def _add_gen_commands(p: argparse.ArgumentParser) -> None:
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.add_argument("--out", help="folder for metrics.json (default: runs/gen_eval/<name>, numbered)")
     q.add_argument("--name", default="exp")
+    add_trust_flag(q)
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -224,9 +231,30 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide", action="store_true", help="sliding-window inference with the training crop")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    add_trust_flag(p)
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """--trust-weights: the one opt-in to checkpoints that need pickled code (they can run anything)."""
+    p.add_argument(
+        "--trust-weights",
+        action="store_true",
+        help="also load a checkpoint that needs pickled Python objects (they can run code: only files you made)",
+    )
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM, until a command defers it: stop as Ctrl-C does (finally blocks remove what was being
+    written), not at once as SIGTERM's default action would."""
+    from seglab.engine.stopping import Interrupted
+
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -246,10 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         }.get(e.errno or 0, "check --out")
         print(f"seglab: error: cannot write {where}: {e.strerror or e}; {fix}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT/SIGTERM stopped at a safe point (engine.stopping)
         print("seglab: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if "torch.distributed" in sys.modules:  # leave a torchrun group cleanly
             from seglab.engine.distributed import cleanup
 
@@ -276,10 +306,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _val(args: argparse.Namespace) -> int:
     from seglab.api import load, write_metrics
-    from seglab.engine.trainer import next_run_dir
+    from seglab.engine.runs import next_run_dir
     from seglab.metrics import format_table
 
-    model = load(args.weights, device=args.device, amp=args.amp)
+    model = load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
@@ -323,7 +353,7 @@ def _holdout_of(model) -> dict[str, float | int]:
 def _val_detector(model, data: str, args: argparse.Namespace) -> int:
     import json
 
-    from seglab.engine.trainer import next_run_dir
+    from seglab.engine.runs import next_run_dir
     from seglab.instance.evaluate import format_ap_table
 
     if args.tta or args.slide:
@@ -356,14 +386,17 @@ def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace)
 
     from tqdm import tqdm
 
+    from seglab.engine.predictor import output_names
+
     if args.tta or args.slide or args.conf or args.img_size:
         raise SeglabError("predict: --tta, --slide, --conf and --img-size are for semantic models; use --min-score")
     coco: list[dict] = []
     results = model.iter_predict(sources, conf=args.min_score, batch=args.batch)
+    names = output_names(sources)
     for i, result in enumerate(
         tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None)
     ):
-        result.save(out, alpha=args.alpha)
+        result.save(out, alpha=args.alpha, name=names[i])
         name = result.path.name if result.path else f"image{i}"
         coco += [{**entry, "file_name": name} for entry in result.to_coco(image_id=i)]
     (out / "predictions.json").write_text(json.dumps(coco))
@@ -373,15 +406,16 @@ def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace)
 
 def _predict(args: argparse.Namespace) -> int:
     from seglab.api import load
-    from seglab.engine.predictor import list_sources
-    from seglab.engine.trainer import next_run_dir
+    from seglab.engine.predictor import list_sources, output_names
+    from seglab.engine.runs import next_run_dir
 
     if not 0 <= args.alpha <= 1:
         raise SeglabError("predict: --alpha is an opacity between 0 and 1")
     if args.batch < 1:
         raise SeglabError(f"predict: --batch {args.batch}: use 1 or more")
     sources = list_sources(args.source)  # fail on a bad source before anything is written
-    model = load(args.weights, device=args.device, amp=args.amp)
+    names = output_names(sources)
+    model = load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     if getattr(model, "task", "semantic") != "semantic":
         return _predict_detector(model, sources, out, args)
@@ -390,8 +424,9 @@ def _predict(args: argparse.Namespace) -> int:
     results = model.iter_predict(
         sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, confidence=args.conf
     )
-    for result in tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None):
-        result.save(out, confidence=args.conf, alpha=args.alpha)
+    bar = tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None)
+    for result, name in zip(bar, names, strict=True):
+        result.save(out, confidence=args.conf, alpha=args.alpha, name=name)
     print(f"predict: {len(sources)} image(s); masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     return 0
 
@@ -403,7 +438,7 @@ def _data(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.path)
     print(report.format())
-    return 0 if report.ok else 1
+    return 0 if report.ok else 2  # what train would refuse: the same status as any user error
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -448,6 +483,7 @@ def _export(args: argparse.Namespace) -> int:
         opset=args.opset,
         data=args.data,
         check_images=args.check_images,
+        trust=args.trust_weights,
     )
     return 0
 
@@ -465,6 +501,7 @@ def _quantize(args: argparse.Namespace) -> int:
         report=args.report,
         limit=args.limit,
         data_cache=args.data_cache,
+        trust=args.trust_weights,
     )
     return 0
 
@@ -472,7 +509,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _gen(args: argparse.Namespace) -> int:
     import json
 
-    from seglab.engine.trainer import next_run_dir
+    from seglab.engine.runs import next_run_dir
 
     if args.gen_command is None:
         raise SeglabError("gen: choose an action: seglab gen train | sample | augment | eval (see seglab gen --help)")
@@ -490,8 +527,9 @@ def _gen(args: argparse.Namespace) -> int:
         from seglab.gen.sample import sample_folder
 
         written = sample_folder(
-            args.weights, args.masks, args.out, n=args.n, batch=args.batch, device=args.device, seed=args.seed
-        )
+            args.weights, args.masks, args.out, n=args.n, batch=args.batch, device=args.device, seed=args.seed,
+            trust=args.trust_weights,
+        )  # fmt: skip
         print(f"gen sample: {len(written)} image(s) in {args.out}")
         return 0
     if args.gen_command == "augment":
@@ -502,6 +540,7 @@ def _gen(args: argparse.Namespace) -> int:
         augment(
             args.weights, args.out, data=args.data, n=args.n, rare=args.rare, paste=args.paste, with_real=args.real,
             batch=args.batch, device=args.device, seed=args.seed, data_cache=args.data_cache,
+            trust=args.trust_weights,
         )  # fmt: skip
         return 0
     from seglab.gen.evaluate import evaluate_generator, format_report
@@ -509,6 +548,7 @@ def _gen(args: argparse.Namespace) -> int:
     report = evaluate_generator(
         args.weights, segmenter=args.segmenter, data=args.data, split=args.split, limit=args.limit,
         batch=args.batch, device=args.device, seed=args.seed, inception_weights=args.inception_weights,
+        trust=args.trust_weights,
     )  # fmt: skip
     print(format_report(report))
     out = Path(args.out) if args.out else next_run_dir("runs/gen_eval", args.name, exist_ok=False)

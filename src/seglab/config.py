@@ -80,7 +80,8 @@ class TrainConfig:
     out: str = "runs/train"
     name: str = "exp"
     exist_ok: bool = False  # reuse runs/train/<name> instead of incrementing
-    resume: str | None = None  # checkpoint to continue from (its run folder is reused)
+    resume: str | None = None  # checkpoint to continue from (in its own run folder when it sits in one)
+    trust_weights: bool = False  # --resume: also load a checkpoint that needs pickled code (only files you made)
     val_interval: int = 1  # validate every N epochs
     save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs (0 = never)
     plots: bool = True  # write curves.png
@@ -163,7 +164,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SeglabError(f"config file not found: {path}")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SeglabError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -214,6 +217,9 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise SeglabError(message)
+    from seglab.engine.runs import check_name
+
+    check_name(cfg.name)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

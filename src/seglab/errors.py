@@ -5,6 +5,14 @@ Anything raised as :class:`SeglabError` reaches the command line as a single lin
 name the file or flag at fault and say what to do about it.
 """
 
+from typing import Any
+
+
+def short(value: Any) -> str:
+    """A value from a file, shown in a message: its repr, cut to 40 characters (files can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 class SeglabError(Exception):
     """A user error: bad path, bad flag, bad data. Printed as one line, exit status 2."""

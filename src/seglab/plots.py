@@ -54,11 +54,18 @@ def plot_curves(
 
 
 def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:
-    """An index mask (H, W) as a palette ('P' mode) PNG image: indices stay indices, colours show."""
+    """An index mask (H, W) as a PNG-ready image whose pixel values are the class indices: a palette
+    ('P') image showing the class colours, or, past 256 classes (more than a palette holds), a
+    16-bit greyscale one ('I;16')."""
+    if len(colors) > 256 or (mask.dtype.itemsize > 1 and mask.size and int(mask.max()) > 255):
+        return Image.fromarray(np.asarray(mask, np.uint16))
     image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
     flat = [c for color in colors for c in color]
     image.putpalette(flat + [0] * (768 - len(flat)))
     return image
+
+
+OVERLAY_BAND = 1024  # rows blended at a time: float work stays a few MB whatever the image's size
 
 
 def blend_image(
@@ -66,12 +73,17 @@ def blend_image(
 ) -> Image.Image:
     """Overlay class colours on an RGB (or greyscale) uint8 image, as a PIL image.
 
-    PIL blends in uint8 in C: a few image-sized buffers, no float copies, so large images fit."""
-    if image.ndim == 2 or image.shape[2] == 1:
-        base = Image.fromarray(image.reshape(image.shape[:2])).convert("RGB")
-    else:
-        base = Image.fromarray(image)
-    return Image.blend(base, palette_image(mask, colors).convert("RGB"), alpha)
+    Blended a band of rows at a time through a colour lookup table, so the only image-sized
+    buffers are the result and PIL's copy of it, whatever the number of classes."""
+    lut = np.zeros((max(256, len(colors), int(mask.max()) + 1 if mask.size else 0), 3), np.uint8)
+    lut[: len(colors)] = np.asarray(colors, np.uint8).reshape(-1, 3)
+    h, w = mask.shape
+    out = np.empty((h, w, 3), np.uint8)
+    for top in range(0, h, OVERLAY_BAND):
+        rows = slice(top, top + OVERLAY_BAND)
+        base = image[rows].reshape(-1, w, image.shape[2] if image.ndim == 3 else 1).astype(np.float32)
+        out[rows] = np.rint(base * (1 - alpha) + lut[mask[rows]] * alpha)  # grey broadcasts to RGB
+    return Image.fromarray(out)
 
 
 def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:

@@ -3,8 +3,11 @@
 Every sample of every split is decoded in full (a truncated PNG is found here, not in
 epoch 7): missing partners, unreadable / empty / truncated files, image and mask sizes
 that differ, and label values that are neither a class nor ``ignore_index`` -- each
-problem names the file. Over the train split it also counts pixels per class and
-suggests class weights (median-frequency, inverse-frequency, ENet).
+problem names the file. Then it asks :func:`seglab.data.formats.train_val_splits`, the check
+every trainer makes before it starts, whether training could start on these splits (both
+present, both with labelled pixels), so ``data check`` is OK only where ``train`` would run.
+Over the train split it also counts pixels per class and suggests class weights
+(median-frequency, inverse-frequency, ENet).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seglab.data.formats import get_split, resolve_dataset, split_names, thread_map
+from seglab.data.formats import get_split, resolve_dataset, split_names, thread_map, train_val_splits
 from seglab.data.io import read_image, read_mask
 from seglab.data.spec import DatasetSpec, Sample
 from seglab.errors import SeglabError
@@ -28,7 +31,8 @@ MAX_SHOWN_PROBLEMS = 50  # in report.format(); report.problems keeps them all
 
 @dataclass
 class Problem:
-    """One thing wrong with the dataset. ``kind``: layout, unreadable, size, label or color."""
+    """One thing wrong with the dataset. ``kind``: layout, unreadable, size, label, color or split
+    (training could not start on the splits; ``path`` is None)."""
 
     kind: str
     path: Path | None
@@ -43,6 +47,11 @@ class _SampleResult:
     problems: list[Problem]
     counts: np.ndarray | None  # (num_classes,) int64 pixels per class, None if unreadable
     ignored: int = 0  # pixels labelled ignore_index
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the mask has a pixel of some class (what train_val_splits asks of each split)."""
+        return self.counts is not None and bool(self.counts.any())
 
 
 @dataclass
@@ -123,6 +132,8 @@ def _check_sample(sample: Sample, spec: DatasetSpec) -> _SampleResult:
     except SeglabError as e:
         problems.append(Problem("unreadable", sample.image, str(e)))
         image = None
+    if image is None and spec.mask_encoding == "coco":  # the annotations are drawn for an image that is there
+        return _SampleResult(problems, None)
     unknown: Counter = Counter()
     try:
         mask = read_mask(sample, spec, unknown_colors=unknown)
@@ -213,15 +224,18 @@ def check_dataset(data: str | Path, *, val_fraction: float = 0.1) -> CheckReport
         problems.extend(r.problems)
 
     result_of = {id(s): r for s, r in zip(samples, results, strict=True)}
-    notes = list(spec.notes)
     split_counts = {name: len(samples) for name, samples in spec.splits.items()}
     train: list[Sample] = list(spec.splits.get("train", []))
     try:  # the splits training will see, including a held-out val
         split_counts = {n: len(get_split(spec, n, val_fraction=val_fraction)) for n in split_names(spec)}
         train = get_split(spec, "train", val_fraction=val_fraction) if train else []
-        notes = list(spec.notes)
-    except SeglabError as e:  # e.g. one training image and no val split: say so, check the rest
-        notes.append(str(e))
+    except SeglabError:  # e.g. one training image and no val split: train_val_splits says so below
+        pass
+    try:  # what every trainer checks before it starts (seed 0, train's default, picks the held-out val)
+        train_val_splits(spec, val_fraction=val_fraction, seed=0, labelled=lambda s: result_of[id(s)].labelled)
+    except SeglabError as e:
+        problems.append(Problem("split", None, str(e)))
+    notes = list(spec.notes)
     train_results = [result_of[id(s)] for s in train]
     class_counts, image_counts, images_with = _accumulate([r.counts for r in train_results], spec.num_classes)
     ignore_pixels = sum(r.ignored for r in train_results)

@@ -11,13 +11,17 @@ Formats:
                   tested against most); ``--dynamic`` makes batch, height and width symbolic.
     torchscript   torch.jit.trace; ``--dynamic`` works too (the models pad with traced arithmetic).
     torch-export  torch.export, saved as .pt2; fixed shapes only (see ``export`` below).
+
+SIGINT and SIGTERM are deferred while exporting (``engine.stopping.DeferredSignals``): torch.onnx
+and onnx spend their time in C++, where a KeyboardInterrupt raised mid-call ended in tracebacks and
+once in a segfault. The signal is recorded, the current step finishes, the temporary file is removed
+and ``Interrupted`` is raised (the CLI: one line, exit 130 or 143). Temporary files are seglab.files',
+so the next export of the same file removes those of a process that was killed outright.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,7 +35,9 @@ from torch import nn
 from seglab.deploy.runtime import METADATA_KEY, card_metadata, load_exported
 from seglab.engine.checkpoint import ModelCard, load_model, require_semantic
 from seglab.engine.inference import normalize
+from seglab.engine.stopping import DeferredSignals
 from seglab.errors import SeglabError
+from seglab.files import atomic_path
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript", "torch-export": ".pt2"}
 # Float32 exports must match eager PyTorch to rounding; float16 ones to float16's precision.
@@ -79,13 +85,15 @@ def export(
     opset: int = 18,
     data: str | Path | None = None,
     check_images: int = 8,
+    trust: bool = False,
     log=print,
 ) -> ExportResult:
     """Export ``weights`` and check it; returns where it went and how well it matched.
 
     ``dynamic``: any batch size and image size; ``dynamic_batch``: any batch size at a fixed image
     size, which lets the exporter fold the padding arithmetic away (a faster graph, and the one
-    int8 quantisation prefers)."""
+    int8 quantisation prefers). ``trust``: also read a checkpoint that needs pickled objects
+    (``--trust-weights``; only for files the user made)."""
     if format not in SUFFIX:
         raise SeglabError(f"export: --format {format!r} is not one of {', '.join(SUFFIX)}")
     if format == "torch-export" and (dynamic or dynamic_batch):
@@ -97,59 +105,57 @@ def export(
         raise SeglabError("export: --batch and --check-images need to be 1 or more")
     if img_size is not None and (len(img_size) not in (1, 2) or min(img_size) < 1):
         raise SeglabError(f"export: --img-size {' '.join(map(str, img_size))}: give H W (or one size for both)")
-    model, card, ckpt = load_model(weights)
-    require_semantic(card, weights, "export")
     out = Path(out) if out else Path(weights).with_suffix(SUFFIX[format])
     if out.suffix != SUFFIX[format]:
         raise SeglabError(f"export: --out {out}: a {format} file should end in {SUFFIX[format]}")
-    h, w = _input_size(card, img_size)
-    images, source = _parity_images(card, ckpt, data, check_images, (h, w))
-    example = normalize(images[:batch], card.mean, card.std)
-    if len(example) < batch:
-        example = example.repeat(-(-batch // len(example)), 1, 1, 1)[:batch]
+    with DeferredSignals() as signals:
+        model, card, ckpt = load_model(weights, trust=trust)
+        require_semantic(card, weights, "export")
+        h, w = _input_size(card, img_size)
+        images, source = _parity_images(card, ckpt, data, check_images, (h, w))
+        example = normalize(images[:batch], card.mean, card.std)
+        if len(example) < batch:
+            example = example.repeat(-(-batch // len(example)), 1, 1, 1)[:batch]
 
-    meta = card_metadata(
-        card,
-        exported_from=str(Path(weights).name),
-        format=format,
-        dynamic=dynamic,
-        dynamic_batch=dynamic_batch,
-        half=half,
-        input_shape=[
-            "batch" if dynamic or dynamic_batch else batch,
-            card.in_channels,
-            "height" if dynamic else h,
-            "width" if dynamic else w,
-        ],
-        input="float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
-        output="float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
-        metrics=ckpt.get("metrics"),
-        data=(ckpt.get("config") or {}).get("data"),
-        torch_version=torch.__version__,
-    )
-    start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"} if dynamic_batch else {}
-        EXPORTERS[format](model.half() if half else model, example.half() if half else example, tmp, meta, axes, opset)
-        seconds = time.perf_counter() - start
-        model.float()
-        parity = check_parity(model, card, tmp, images, batch=None if axes else batch, half=half, source=source)
-        log(f"export: {parity.format()}")
-        if not parity.passed:
-            raise SeglabError(
-                f"export: the {format} file does not reproduce the model ({parity.format()}); "
-                f"nothing was written to {out}. Try another --format or --opset, or without --half"
-            )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    size_mb = out.stat().st_size / 2**20
-    log(f"export: wrote {out} ({size_mb:.1f} MB, {format}, {seconds:.1f} s)")
-    (out.parent / f"{out.name}.parity.json").write_text(json.dumps(asdict(parity), indent=2))
+        meta = card_metadata(
+            card,
+            exported_from=str(Path(weights).name),
+            format=format,
+            dynamic=dynamic,
+            dynamic_batch=dynamic_batch,
+            half=half,
+            input_shape=[
+                "batch" if dynamic or dynamic_batch else batch,
+                card.in_channels,
+                "height" if dynamic else h,
+                "width" if dynamic else w,
+            ],
+            input="float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
+            output="float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
+            metrics=ckpt.get("metrics"),
+            data=(ckpt.get("config") or {}).get("data"),
+            torch_version=torch.__version__,
+        )
+        signals.check()
+        start = time.perf_counter()
+        with atomic_path(out) as tmp:
+            axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"} if dynamic_batch else {}
+            model_in, example_in = (model.half(), example.half()) if half else (model, example)
+            EXPORTERS[format](model_in, example_in, tmp, meta, axes, opset)
+            seconds = time.perf_counter() - start
+            signals.check()
+            model.float()
+            parity = check_parity(model, card, tmp, images, batch=None if axes else batch, half=half, source=source)
+            log(f"export: {parity.format()}")
+            if not parity.passed:
+                raise SeglabError(
+                    f"export: the {format} file does not reproduce the model ({parity.format()}); "
+                    f"nothing was written to {out}. Try another --format or --opset, or without --half"
+                )
+            signals.check()  # the last point to stop at; from here on the export completes
+        size_mb = out.stat().st_size / 2**20
+        log(f"export: wrote {out} ({size_mb:.1f} MB, {format}, {seconds:.1f} s)")
+        (out.parent / f"{out.name}.parity.json").write_text(json.dumps(asdict(parity), indent=2))
     return ExportResult(out, format, seconds, size_mb, parity)
 
 

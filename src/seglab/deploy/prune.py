@@ -171,6 +171,7 @@ def prune_checkpoint(
     limit: int | None = None,
     global_pruning: bool = False,
     progress: bool = True,
+    trust: bool = False,
     log: Callable[..., Any] = print,
 ) -> Path:
     """Prune the model in ``weights`` by ``flops``, fine-tune it for ``epochs`` on its own training
@@ -180,7 +181,8 @@ def prune_checkpoint(
     ``lr`` defaults to the training run's learning rate x ``FINETUNE_LR_SCALE``; ``epochs=0`` saves
     the pruned model without fine-tuning. ``out`` defaults to ``runs/prune/<name>``, numbered.
     """
-    from seglab.engine.trainer import Trainer, next_run_dir
+    from seglab.engine.runs import next_run_dir
+    from seglab.engine.trainer import Trainer
 
     checks = [
         (0 < flops < 1, f"--flops {flops}: the fraction of FLOPs to remove, between 0 and 1 (e.g. 0.3)"),
@@ -193,7 +195,7 @@ def prune_checkpoint(
     for ok, message in checks:
         if not ok:
             raise SeglabError(f"prune: {message}")
-    model, card, ckpt = load_model(weights)
+    model, card, ckpt = load_model(weights, trust=trust)
     require_semantic(card, weights, "prune")
     if not isinstance(model, SegmentationModel):
         raise SeglabError(f"prune: {weights} holds a {type(model).__name__}, not a seglab model")
@@ -224,7 +226,7 @@ def prune_checkpoint(
 
     best = run_dir / "weights" / "best.pt"
     if epochs == 0:
-        save_checkpoint(best, make_payload(pruned.model, card, with_module=True, config=trained, metrics=None))
+        save_checkpoint(best, make_payload(pruned.model, card, pruned=True, config=trained, metrics=None))
         log(f"prune: no fine-tune (--epochs 0); wrote {best}")
     else:
         log(f"prune: fine-tuning {epochs} epoch(s) at lr {cfg.lr:g} on {cfg.data}")

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure size, speed and val mIoU against the original model (default: on)")  # fmt: skip
     p.add_argument("--limit", type=int, help="report: evaluate only the first N val images")
     p.add_argument("--device", default="auto", help="fine-tune on: auto, cpu, cuda or cuda:N (default: auto)")
+    from seglab.cli import add_trust_flag
+
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         report=args.report,
         limit=args.limit,
         device=args.device,
+        trust=args.trust_weights,
     )
     return 0

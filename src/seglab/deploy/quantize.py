@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +29,10 @@ import torch
 
 from seglab.deploy.report import Measurement, format_report, measure, write_report
 from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata
-from seglab.engine.checkpoint import ModelCard
+from seglab.engine.checkpoint import ModelCard, card_from_dict
+from seglab.engine.stopping import DeferredSignals
 from seglab.errors import SeglabError
+from seglab.files import remove_stale_temporaries, temporary
 
 if TYPE_CHECKING:
     import onnx
@@ -58,9 +60,11 @@ def quantize(
     report: bool = True,
     limit: int | None = None,
     data_cache: str | Path | None = None,
+    trust: bool = False,
     log=print,
 ) -> QuantizeResult:
-    """Quantise a checkpoint (exported to ONNX first) or a float ONNX export to int8."""
+    """Quantise a checkpoint (exported to ONNX first) or a float ONNX export to int8; ``trust`` as in
+    ``export``."""
     if method not in METHODS:
         raise SeglabError(f"quantize: --method {method!r} is not one of {', '.join(METHODS)}")
     if quant_format not in QUANT_FORMATS:
@@ -74,31 +78,37 @@ def quantize(
     if out.suffix != ".onnx":
         raise SeglabError(f"quantize: --out {out}: the int8 model is an ONNX file; end the name in .onnx")
 
-    float_onnx = _float_onnx(weights, data, log)
-    meta = read_metadata(float_onnx)
-    if meta.get("half") or meta.get("quantized"):
-        raise SeglabError(f"quantize: {float_onnx} is already reduced precision; quantise a float32 export")
-    card = ModelCard(**meta["card"])
-    data = data or meta.get("data")
-    if data is None or not Path(data).exists():
-        raise SeglabError(f"quantize: calibration needs the training images; pass --data (got {data})")
+    with DeferredSignals() as signals:  # see seglab.deploy.export: SIGINT/SIGTERM stop at safe points
+        float_onnx = _float_onnx(weights, data, trust, log)
+        meta = read_metadata(float_onnx)
+        if meta.get("half") or meta.get("quantized"):
+            raise SeglabError(f"quantize: {float_onnx} is already reduced precision; quantise a float32 export")
+        card = card_from_dict(meta["card"], float_onnx)
+        data = data or meta.get("data")
+        if data is None or not Path(data).exists():
+            raise SeglabError(f"quantize: calibration needs the training images; pass --data (got {data})")
 
-    log(f"quantize: calibrating on {calib} train images of {data} ({method}, {quant_format})")
-    fixed = _fixed_size(meta)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quantized = Path(tmp) / "int8.onnx"
-        images = _calibration(card, data, calib, fixed, data_cache)
-        try:
-            _quantize_static(float_onnx, prepared, quantized, images, method, quant_format)
-        except AssertionError as e:  # ONNX Runtime's quantiser asserts on graphs it cannot rewrite
-            raise SeglabError(
-                f"quantize: ONNX Runtime's quantiser failed on {float_onnx} ({e}); "
-                "use --quant-format qdq, or quantise a fixed-shape export (seglab export without --dynamic)"
-            ) from None
-        _copy_metadata(quantized, meta, method, quant_format, calib)
+        log(f"quantize: calibrating on {calib} train images of {data} ({method}, {quant_format})")
+        fixed = _fixed_size(meta)
         out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(quantized, out)
+        remove_stale_temporaries(out)
+        tmp = temporary(out, directory=True)
+        try:
+            prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
+            images = _calibration(card, data, calib, fixed, data_cache, signals.check)
+            try:
+                _quantize_static(float_onnx, prepared, quantized, images, method, quant_format)
+            except AssertionError as e:  # ONNX Runtime's quantiser asserts on graphs it cannot rewrite
+                raise SeglabError(
+                    f"quantize: ONNX Runtime's quantiser failed on {float_onnx} ({e}); "
+                    "use --quant-format qdq, or quantise a fixed-shape export (seglab export without --dynamic)"
+                ) from None
+            signals.check()
+            _copy_metadata(quantized, meta, method, quant_format, calib)
+            signals.check()  # the last point to stop at
+            os.replace(quantized, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log(f"quantize: wrote {out} ({out.stat().st_size / 2**20:.1f} MB, from {float_onnx.stat().st_size / 2**20:.1f} MB)")
 
     rows: list[Measurement] = []
@@ -117,7 +127,7 @@ def quantize(
     return QuantizeResult(float_onnx, out, report_path, rows)
 
 
-def _float_onnx(weights: Path, data: str | Path | None, log) -> Path:
+def _float_onnx(weights: Path, data: str | Path | None, trust: bool, log) -> Path:
     """The float32 ONNX model to quantise: the file itself, or a dynamic export of the checkpoint."""
     fmt = exported_format(weights)
     if fmt == "onnx":
@@ -130,7 +140,7 @@ def _float_onnx(weights: Path, data: str | Path | None, log) -> Path:
     # A fixed shape, because ONNX Runtime runs fixed-shape graphs faster here, float32 and int8
     # alike, even 8 images fed one at a time (README: Quantise).
     log(f"quantize: exporting {weights} to {target} (float32, one image at the training crop size)")
-    return export(weights, format="onnx", out=target, data=data, log=log).path
+    return export(weights, format="onnx", out=target, data=data, trust=trust, log=log).path
 
 
 def _fixed_size(meta: dict) -> tuple[int, int] | None:
@@ -139,9 +149,12 @@ def _fixed_size(meta: dict) -> tuple[int, int] | None:
 
 
 def _calibration(
-    card: ModelCard, data: str | Path, count: int, fixed: tuple[int, int] | None, data_cache
+    card: ModelCard, data: str | Path, count: int, fixed: tuple[int, int] | None, data_cache, check=lambda: None
 ) -> Iterator[np.ndarray]:
-    """Train images, evenly spread over the split, preprocessed as prediction does: [1,C,H,W] float32."""
+    """Train images, evenly spread over the split, preprocessed as prediction does: [1,C,H,W] float32.
+
+    ``check`` runs before each image: a deferred interrupt stops the calibration there, between two
+    of ONNX Runtime's runs, instead of after all of them."""
     import torch.nn.functional as F
 
     from seglab.data import EvalTransform, get_split, read_image, resolve_dataset
@@ -154,6 +167,7 @@ def _calibration(
     picked = [samples[i] for i in np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int)]
     resize = EvalTransform(card.img_size)
     for sample in picked:
+        check()
         image = torch.from_numpy(read_image(sample.image, card.in_channels).copy()).permute(2, 0, 1)
         x = resize.resize_image(image)[None]
         if fixed is not None and tuple(x.shape[-2:]) != fixed:

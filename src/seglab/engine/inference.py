@@ -169,16 +169,16 @@ class Inferencer:
         _, _, h, w = image.shape
         wh, ww, rows, cols = self._tiles(h, w)
         weight = _gaussian_weight(wh, ww, self.device)
-        labels = torch.empty(h, w, dtype=torch.uint8)
+        labels: Tensor | None = None  # [H, W], allocated once the number of classes is known
         confidence = torch.empty(h, w, dtype=torch.float16)
         band: Tensor | None = None  # [K, wh, W] blended probabilities of rows base .. base + wh
         norm = torch.zeros(wh, w, device=self.device)
         base = 0
 
         def emit(n: int) -> None:  # rows base .. base + n are final
-            assert band is not None
+            assert band is not None and labels is not None
             conf, lab = (band[:, :n] / norm[:n]).max(0)
-            labels[base : base + n], confidence[base : base + n] = lab.byte().cpu(), conf.half().cpu()
+            labels[base : base + n], confidence[base : base + n] = lab.cpu().to(labels.dtype), conf.half().cpu()
 
         for y in rows:
             if band is not None and y > base:
@@ -192,16 +192,57 @@ class Inferencer:
                 probs = self._tta(normalize(crops, self.mean, self.std), self._whole)  # [n,K,wh,ww]
                 if band is None:
                     band = torch.zeros(probs.shape[1], wh, w, device=self.device)
+                    labels = torch.empty(h, w, dtype=label_dtype(probs.shape[1]))
                 for tile, x0 in zip(probs, group, strict=True):
                     band[:, :, x0 : x0 + ww] += tile * weight
                     norm[:, x0 : x0 + ww] += weight
         emit(h - base)
+        assert labels is not None
         return labels, confidence
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """Class indices fit a byte up to 256 classes; more need 16 bits (stored as int32: torch has no uint16 ops)."""
+    return torch.uint8 if num_classes <= 256 else torch.int32
+
+
+BAND_BYTES = 64 << 20  # float scores held at a time while resizing them to a large image
+
+
+def resized_labels(scores: Tensor, size: tuple[int, int], *, confidence: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The argmax (and its score) of ``scores`` [K, h, w] resized bilinearly to ``size`` (H, W):
+    labels [H, W] (uint8, int32 past 256 classes) and, with ``confidence``, float16 scores [H, W].
+
+    Bilinear resizing is separable, so it is done a band of output rows at a time: rows by
+    interpolating between the two source rows each output row falls between (the same weights as
+    ``F.interpolate(..., align_corners=False)``), then columns by ``F.interpolate``. Memory is K x
+    band x W floats (BAND_BYTES), not the K x H x W that resizing the whole map takes (39 GB for 11
+    classes at 30000 x 30000)."""
+    k, h, w = scores.shape
+    height, width = size
+    labels = torch.empty(height, width, dtype=label_dtype(k))
+    best = torch.empty(height, width, dtype=torch.float16) if confidence else None
+    rows = max(1, BAND_BYTES // (4 * k * width))
+    scale = h / height
+    for top in range(0, height, rows):
+        r = torch.arange(top, min(top + rows, height), dtype=torch.float64, device=scores.device)
+        src = ((r + 0.5) * scale - 0.5).clamp(min=0)
+        i0 = src.floor().long().clamp(max=h - 1)
+        i1 = (i0 + 1).clamp(max=h - 1)
+        lam = (src - i0).float()[None, :, None]  # [1, n, 1]
+        band = scores[:, i0].float() * (1 - lam) + scores[:, i1].float() * lam  # [K, n, w]
+        if w != width:
+            band = F.interpolate(band[None], size=(len(r), width), mode="bilinear", align_corners=False)[0]
+        conf, lab = band.max(0)
+        labels[top : top + len(r)] = lab.cpu().to(labels.dtype)
+        if best is not None:
+            best[top : top + len(r)] = conf.cpu().half()
+    return labels, best
 
 
 def resize_to(probs: Tensor, size: tuple[int, int]) -> Tensor:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from seglab.files import atomic_path
 from seglab.plots import blend, blend_image, palette_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -23,7 +23,7 @@ class Result:
     """One image's prediction. ``mask`` is (H, W) class indices at the image's own size."""
 
     image: np.ndarray  # (H, W, C) uint8, as read
-    mask: np.ndarray  # (H, W) uint8
+    mask: np.ndarray  # (H, W) uint8 class indices (uint16 for models of more than 256 classes)
     classes: list[str]
     colors: list[tuple[int, int, int]]
     confidence: np.ndarray | None = None  # (H, W) float32, probability of the chosen class
@@ -47,29 +47,26 @@ class Result:
             {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
         )
 
-    def save(self, out_dir: str | Path, *, confidence: bool = False, alpha: float = 0.5) -> dict[str, Path]:
-        """Write masks/<stem>.png (palette PNG of class indices), overlays/<stem>.jpg and,
-        with ``confidence``, confidence/<stem>.png (probability x 255). Each file appears whole or not at all."""
+    def save(
+        self, out_dir: str | Path, *, confidence: bool = False, alpha: float = 0.5, name: str | None = None
+    ) -> dict[str, Path]:
+        """Write masks/<stem>.png (palette PNG of class indices; 16-bit past 256 classes), overlays/<stem>.jpg
+        and, with ``confidence``, confidence/<stem>.png (probability x 255), under ``name`` instead of the
+        image's stem when given. Each file appears whole or not at all."""
         out = Path(out_dir)
-        written = {"mask": out / "masks" / f"{self.stem}.png", "overlay": out / "overlays" / f"{self.stem}.jpg"}
+        stem = name or self.stem
+        written = {"mask": out / "masks" / f"{stem}.png", "overlay": out / "overlays" / f"{stem}.jpg"}
         _atomic_save(palette_image(self.mask, self.colors), written["mask"])
         _atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
         if confidence and self.confidence is not None:
-            written["confidence"] = out / "confidence" / f"{self.stem}.png"
+            written["confidence"] = out / "confidence" / f"{stem}.png"
             _atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
         return written
 
 
 def _atomic_save(image: Image.Image, path: Path, **params: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, **params)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_sources(source: str | Path | Sequence[str | Path], flag: str = "--source") -> list[Path]:
@@ -87,6 +84,24 @@ def list_sources(source: str | Path | Sequence[str | Path], flag: str = "--sourc
     if not path.exists():
         raise SeglabError(f"{flag} {path}: no such file or folder")
     return [path]
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """The name each image's outputs are saved under: its stem, or its whole file name where stems
+    collide (photo.png, photo.jpg -> photo.png.png, photo.jpg.png), so no prediction overwrites another.
+    Files of one name from different folders cannot be told apart that way: they are refused."""
+    from seglab.errors import SeglabError
+
+    stems = Counter(p.stem for p in paths)
+    names = [p.stem if stems[p.stem] == 1 else p.name for p in paths]
+    for name, count in Counter(names).items():
+        if count > 1:
+            same = [str(p) for p, n in zip(paths, names, strict=True) if n == name]
+            raise SeglabError(
+                f"--source: {count} images would save their predictions under one name, {name} "
+                f"({', '.join(same[:3])}{', ...' if len(same) > 3 else ''}); predict them into separate --out folders"
+            )
+    return names
 
 
 def expand_source(source) -> tuple[list, bool]:

@@ -14,8 +14,8 @@ A run lives in ``runs/train/<name>/``:
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
+import os
 import random
 import time
 from dataclasses import replace
@@ -39,10 +39,22 @@ from seglab.data import (
     resolve_dataset,
     train_val_splits,
 )
-from seglab.engine.checkpoint import ModelCard, load_checkpoint, make_payload, save_checkpoint
+from seglab.engine.checkpoint import (
+    ModelCard,
+    build_from,
+    card_from_dict,
+    load_checkpoint,
+    make_payload,
+    non_finite,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    training_state,
+)
 from seglab.engine.distributed import all_reduce_sum, init_distributed
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
+from seglab.engine.runs import next_run_dir, restore_rows, resume_run_dir, write_csv
 from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.engine.stopping import TrainingStopped, run_epochs
 from seglab.errors import SeglabError
@@ -87,15 +99,19 @@ def check_names(cfg: TrainConfig) -> None:
             raise SeglabError(f"{flag} {value!r}{did_you_mean(value, allowed)}: choose one of {', '.join(allowed)}")
 
 
-def next_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
-    """runs/train/exp, then exp2, exp3, ... unless exist_ok."""
-    base = Path(out) / name
-    if exist_ok or not base.exists():
-        return base
-    n = 2
-    while (Path(out) / f"{name}{n}").exists():
-        n += 1
-    return Path(out) / f"{name}{n}"
+def check_sync_bn(cfg: TrainConfig, device: torch.device) -> None:
+    """--sync-bn means something only on CUDA under torchrun: refuse it anywhere else, as PyTorch would."""
+    if not cfg.sync_bn:
+        return
+    if device.type != "cuda":
+        raise SeglabError(
+            "--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU training"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's variable, as engine/distributed.py reads it
+        raise SeglabError(
+            "--sync-bn synchronises BatchNorm across torchrun processes, and this run has one; "
+            "start it with torchrun or drop --sync-bn"
+        )
 
 
 class Trainer:
@@ -113,15 +129,19 @@ class Trainer:
     ) -> None:
         self.progress, self.log = progress, log
         # the checkpoint api.resume_config already read, else read it here
-        resume_ckpt = checkpoint if checkpoint is not None or not cfg.resume else load_checkpoint(cfg.resume)
-        if model is None and resume_ckpt is not None and "module" in resume_ckpt:
-            model = resume_ckpt["module"]  # resuming the fine-tune of a pruned model
-        self.with_module = model is not None  # card.build() cannot rebuild it: save the module too
+        resume_ckpt = checkpoint
+        if resume_ckpt is None and cfg.resume:
+            resume_ckpt = load_checkpoint(cfg.resume, trust=cfg.trust_weights)
+        if model is None and resume_ckpt is not None and ("layers" in resume_ckpt or "module" in resume_ckpt):
+            # resuming the fine-tune of a pruned model: the recipe narrowed to the saved layer widths
+            model = build_from(card_from_dict(resume_ckpt["card"], cfg.resume or ""), resume_ckpt, cfg.resume or "")
+        self.pruned = model is not None  # card.build() alone cannot rebuild it: save its layer widths too
         if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
         check_names(cfg)  # fail on a misspelt name before the dataset is read
         self.device = resolve_device(cfg.device)
+        check_sync_bn(cfg, self.device)
         self.dist = init_distributed(self.device.type, cfg.dist_timeout)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -193,10 +213,6 @@ class Trainer:
         self.fp32_layers = self._float32_depthwise(crop, resume_ckpt)
         self.net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
         if self.dist.enabled:
-            if cfg.sync_bn and self.device.type != "cuda":
-                raise SeglabError(
-                    "--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU training"
-                )
             if cfg.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -239,8 +255,9 @@ class Trainer:
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
         if cfg.resume:
-            self.run_dir = Path(cfg.resume).resolve().parent.parent
             assert resume_ckpt is not None
+            saved = resume_ckpt["config"]
+            self.run_dir, _ = resume_run_dir(cfg.resume, saved, out=cfg.out, name=cfg.name, log=self.log)
             self._restore(resume_ckpt)
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
@@ -291,7 +308,8 @@ class Trainer:
             "epoch_time_s": round(time.perf_counter() - t0, 1),
         }
         self.rows.append(row)
-        self._end_epoch(epoch, result, row)
+        usable = self._check_finite(epoch, train_loss, result)
+        self._end_epoch(epoch, result if usable else None, row)
         skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
         if sum(self.bad_count.values()):
             skipped += f", {self.bad_count['train']} train / {self.bad_count['val']} val unreadable images skipped"
@@ -326,12 +344,18 @@ class Trainer:
             boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == start + len(self.train_loader)
             # DDP averages gradients across ranks on backward; between accumulation steps it need not.
             sync = contextlib.nullcontext() if boundary or not self.dist.enabled else net.no_sync()  # type: ignore[operator]
+            # --nonfinite skip: the forward pass of a step that is then skipped has already moved
+            # BatchNorm's running statistics (to NaN, when it diverged); this copy puts them back
+            statistics = [b.detach().clone() for b in self.model.buffers()] if cfg.nonfinite == "skip" else []
             with sync:
                 with autocast(self.device, cfg.amp, cfg.amp_dtype):
                     logits = net(x)  # [B,K,H,W]
                 loss = self.loss_fn(logits.float(), y)
                 if not self._finite(loss, epoch, i):
                     self.optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
+                    with torch.no_grad():
+                        for buffer, saved in zip(self.model.buffers(), statistics, strict=True):
+                            buffer.copy_(saved)
                     continue
                 self.scaler.scale(loss / cfg.accumulate).backward()
             total += loss.item()
@@ -346,7 +370,7 @@ class Trainer:
             torch.tensor([total, float(count), float(len(bad))], dtype=torch.float64, device=self.device)
         )
         self._report_bad(bad, int(totals[2]), "train")
-        return float(totals[0]) / max(float(totals[1]), 1.0)
+        return float(totals[0]) / float(totals[1]) if totals[1] else math.nan  # nan: every step was skipped
 
     def _blank_batch(self) -> dict[str, Any]:
         """One all-ignore image: its loss is 0 and its gradients are zero."""
@@ -474,6 +498,27 @@ class Trainer:
         self.log(f"loss: {method} class weights from {len(samples)} train masks: {shown}")
         return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
+    def _check_finite(self, epoch: int, train_loss: float, result: EvalResult | None) -> bool:
+        """A diverged epoch (non-finite losses, weights or BatchNorm statistics) never becomes best.pt:
+        it stops the run (``--nonfinite stop``; last.pt and best.pt keep the last good epoch) or is
+        logged and left out of the choice of best.pt (``--nonfinite skip``)."""
+        what = [f"train loss {train_loss}"] if not math.isfinite(train_loss) else []
+        if result is not None and result.loss is not None and not math.isfinite(result.loss):
+            what.append(f"val loss {result.loss}")
+        bad = non_finite(self._shipped_model())
+        if bad:
+            what.append(f"{len(bad)} weights or statistics non-finite (e.g. {bad[0]})")
+        if not what:
+            return True
+        message = f"the run diverged at epoch {epoch + 1}: {', '.join(what)}"
+        if self.cfg.nonfinite == "skip":
+            self.log(f"train: {message}; not a candidate for best.pt (--nonfinite skip)")
+            return False
+        raise SeglabError(
+            f"{message}; weights/last.pt and best.pt keep the last good epoch. Lower --lr, set --grad-clip, "
+            "or pass --nonfinite skip"
+        )
+
     def _end_epoch(self, epoch: int, result: EvalResult | None, row: dict[str, Any]) -> None:
         """Bookkeeping after an epoch: best mIoU everywhere; files on the main rank only."""
         improved = result is not None and (result.metrics["miou"] or 0.0) > self.best_miou
@@ -493,7 +538,7 @@ class Trainer:
             lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": result.metrics if result else None}
             save_checkpoint(
                 weights / "best.pt",
-                make_payload(self._shipped_model(), self.card, with_module=self.with_module, **lean),
+                make_payload(self._shipped_model(), self.card, pruned=self.pruned, **lean),
             )
         if self.cfg.plots:
             plot_curves(self.rows, self.run_dir / "curves.png")
@@ -527,36 +572,31 @@ class Trainer:
             "train_model": self.model.state_dict(),
             "fp32_layers": self.fp32_layers,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
+            "rows": self.rows,
         }
-        payload = make_payload(self._shipped_model(), self.card, with_module=self.with_module, **state)
+        payload = make_payload(self._shipped_model(), self.card, pruned=self.pruned, **state)
         save_checkpoint(path, payload, keep_previous=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        with training_state(self.cfg.resume):
+            self._load_state(ckpt)
+        where = f", batch {self.start_batch + 1}" if self.start_batch else ""
+        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}{where}")
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["train_model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(ckpt["rng"])
         self.start_epoch, self.best_miou = ckpt["epoch"], ckpt["best_miou"]
         self.start_batch = ckpt.get("batch_in_epoch", 0)
         self.partial_loss = tuple(ckpt.get("partial_loss") or (0.0, 0))
         self.skipped_steps = ckpt.get("skipped_steps", 0)
-        self.rows = [r for r in read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
-        where = f", batch {self.start_batch + 1}" if self.start_batch else ""
-        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}{where}")
+        self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
 
     def _write_csv(self) -> None:
         write_csv(self.run_dir / "metrics.csv", CSV_FIELDS, self.rows)
@@ -573,20 +613,3 @@ def epoch_bar(loader, epoch: int, epochs: int, start: int, progress: bool) -> tq
         dynamic_ncols=True,
         leave=False,
     )
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """metrics.csv, written to a temporary name and renamed."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))

@@ -83,6 +83,12 @@ def inception_network(weights_path: str | None = None) -> tuple[nn.Module | None
     cache, downloaded there on first use."""
     if weights_path and not Path(weights_path).is_file():
         return None, f"--inception-weights {weights_path} not found"
+    if weights_path:  # torch-fidelity unpickles it with weights_only=False: make sure it is plain data first
+        try:
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).splitlines()[0][:60] if str(e) else type(e).__name__
+            return None, f"--inception-weights {weights_path} is not a plain weights file ({first}); it was not loaded"
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ModuleNotFoundError:
@@ -118,10 +124,11 @@ def evaluate_generator(
     inception_weights: str | None = None,
     data_cache: str | None = None,
     progress: bool = True,
+    trust: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Score a generator on a split's label maps and images; returns the report as a dict."""
-    gen = Generator(weights, device=device, seed=seed)
+    gen = Generator(weights, device=device, seed=seed, trust=trust)
     card = gen.card
     data = data or gen.config.get("data")
     if not data:
@@ -154,7 +161,7 @@ def evaluate_generator(
         if not card.conditional:
             raise SeglabError(f"--segmenter scores label-map fidelity; {weights} is an unconditional {card.arch}")
         report["segmentation"] = segmentation_scores(
-            segmenter, card.classes, spec.ignore_index, real, fake, labels, batch
+            segmenter, card.classes, spec.ignore_index, real, fake, labels, batch, trust
         )
 
     # the floor: as many real training images against the same real images
@@ -191,11 +198,12 @@ def segmentation_scores(
     fake: torch.Tensor,
     labels: torch.Tensor,
     batch: int,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of ``segmenter`` on the generated images and on the real ones."""
     from seglab.api import load
 
-    model = load(segmenter)
+    model = load(segmenter, trust=trust)
     if getattr(model, "task", "semantic") != "semantic" or list(model.classes) != list(classes):
         raise SeglabError(
             f"--segmenter {segmenter}: it must be a semantic model of the same classes ({', '.join(classes)})"

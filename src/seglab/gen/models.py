@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,26 @@ class GenCard:
     @property
     def conditional(self) -> bool:
         return self.arch in CONDITIONAL
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str | Path) -> GenCard:
+        """The card a generator checkpoint claims, checked field by field (see CardFields)."""
+        from seglab.engine.checkpoint import CardFields
+
+        card = CardFields(values, cls, source)
+        num_classes = card.integer("num_classes", 0, 254, default=0)  # label maps are 8-bit, ignore included
+        classes, colors = card.classes(num_classes)
+        return cls(
+            arch=card.name("arch", GEN_MODELS),
+            size=card.integers("size", (2,), 16, 4096),
+            num_classes=num_classes,
+            classes=classes,
+            colors=colors,
+            ignore_index=card.integer("ignore_index", 0, 255, default=255),
+            width=card.integer("width", 4, 1024, default=32),
+            z_dim=card.integer("z_dim", 1, 4096, default=128),
+            task=card.name("task", ("generate",), default="generate"),
+        )
 
     def build(self) -> nn.Module:
         h, w = self.size

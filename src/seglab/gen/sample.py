@@ -23,6 +23,7 @@ from seglab.data import get_split, read_mask, resolve_dataset
 from seglab.engine.inference import resolve_device
 from seglab.engine.predictor import list_sources
 from seglab.errors import SeglabError
+from seglab.files import atomic_path
 from seglab.gen.data import read_label_map, resize_labels, to_uint8
 from seglab.gen.models import VAE, GenCard, one_hot
 from seglab.gen.trainer import load_generator
@@ -39,8 +40,8 @@ def colorize(labels: torch.Tensor, card: GenCard) -> torch.Tensor:
 class Generator:
     """A trained generator, ready to paint: ``Generator("generator.pt")(labels) -> uint8 images``."""
 
-    def __init__(self, weights: str | Path, *, device: str = "auto", seed: int = 0) -> None:
-        self.model, self.card, ckpt = load_generator(weights)
+    def __init__(self, weights: str | Path, *, device: str = "auto", seed: int = 0, trust: bool = False) -> None:
+        self.model, self.card, ckpt = load_generator(weights, trust=trust)
         self.config = ckpt.get("config", {})
         self.device = resolve_device(device)
         self.model.to(self.device)
@@ -74,19 +75,17 @@ class Generator:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def sample_folder(
     weights: str | Path, masks: str | Path | None, out: str | Path, *, n: int = 16, batch: int = 8,
-    device: str = "auto", seed: int = 0, progress: bool = True,
+    device: str = "auto", seed: int = 0, progress: bool = True, trust: bool = False,
 ) -> list[Path]:  # fmt: skip
     """Paint every label map in ``masks`` (pix2pix, spade), or ``n`` images from noise (dcgan, vae),
     into ``out`` as PNGs at the generator's size. Returns the written files."""
-    gen = Generator(weights, device=device, seed=seed)
+    gen = Generator(weights, device=device, seed=seed, trust=trust)
     out = Path(out)
     written: list[Path] = []
     if not gen.card.conditional:
@@ -162,6 +161,7 @@ def augment(
     seed: int = 0,
     data_cache: str | None = None,
     progress: bool = True,
+    trust: bool = False,
     log=print,
 ) -> Path:
     """Write ``n`` generated pairs (``images/``, ``masks/``) and a ``data.yaml`` that ``seglab train`` reads.
@@ -171,7 +171,7 @@ def augment(
     (by absolute path, nothing is copied); its val list is the real val split, so a segmenter
     trained on it is scored on real images only. Returns the data.yaml path.
     """
-    gen = Generator(weights, device=device, seed=seed)
+    gen = Generator(weights, device=device, seed=seed, trust=trust)
     card = gen.card
     if not card.conditional:
         raise SeglabError(f"{weights} is an unconditional {card.arch}: its images have no label maps to train on")

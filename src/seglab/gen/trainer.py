@@ -11,7 +11,6 @@ first half of the epochs and a linear decay to zero over the second, L1 weight 1
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +25,18 @@ from torchvision.utils import make_grid, save_image
 
 from seglab.config import build_config, read_yaml
 from seglab.data import EpochSampler, resolve_dataset, train_val_splits
-from seglab.engine.checkpoint import load_checkpoint, save_checkpoint
+from seglab.engine.checkpoint import (
+    load_checkpoint,
+    read_resumable,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    training_state,
+)
 from seglab.engine.inference import autocast, resolve_device
+from seglab.engine.runs import check_name, next_run_dir, restore_rows, resume_run_dir, write_csv
 from seglab.engine.stopping import TrainingStopped, run_epochs
-from seglab.engine.trainer import epoch_bar, next_run_dir, read_csv, seed_everything, write_csv
+from seglab.engine.trainer import epoch_bar, seed_everything
 from seglab.errors import SeglabError
 from seglab.gen.data import PairDataset, generation_size, to_unit
 from seglab.gen.models import GEN_MODELS, VAE, GenCard, build_discriminator, init_weights, one_hot
@@ -69,19 +76,21 @@ class GenConfig:
     out: str = "runs/gen"
     name: str = "exp"
     exist_ok: bool = False  # reuse runs/gen/<name> instead of incrementing
-    resume: str | None = None  # weights/last.pt to continue from (its run folder is reused)
+    resume: str | None = None  # weights/last.pt to continue from (in its own run folder when it sits in one)
+    trust_weights: bool = False  # --resume: also load a checkpoint that needs pickled code (only files you made)
 
 
-RESUME_OVERRIDES = ("epochs", "device")
+RESUME_OVERRIDES = ("epochs", "device", "out", "name", "trust_weights")
 
 
 def load_gen_config(config_file: str | None = None, **overrides: Any) -> tuple[GenConfig, dict[str, Any] | None]:
     """Defaults, then the YAML file, then overrides; with ``resume``, the run's own config."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("resume"):
-        ckpt = load_generator_checkpoint(overrides["resume"])
-        if "optimizer_g" not in ckpt:
-            raise SeglabError(f"{overrides['resume']} holds no training state; resume from weights/last.pt")
+        trust = bool(overrides.get("trust_weights"))
+        ckpt, path = read_resumable(overrides["resume"], trust=trust, key="optimizer_g")
+        check_generator(ckpt, path)
+        overrides["resume"] = str(path)
         changed = sorted(k for k in overrides if k not in (*RESUME_OVERRIDES, "resume"))
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
@@ -108,28 +117,28 @@ def load_gen_config(config_file: str | None = None, **overrides: Any) -> tuple[G
     for ok, message in checks:
         if not ok:
             raise SeglabError(message)
+    check_name(cfg.name)
     if not cfg.data:
         raise SeglabError("gen train: --data is required (a dataset folder or data.yaml), or --config / --resume")
     return cfg, None
 
 
-def load_generator_checkpoint(path: str | Path) -> dict[str, Any]:
-    ckpt = load_checkpoint(path)
+def check_generator(ckpt: dict[str, Any], path: str | Path) -> GenCard:
+    """The card of a generator checkpoint; a segmentation checkpoint is refused in one line."""
     if ckpt["card"].get("task") != "generate":
         raise SeglabError(
-            f"{path} is a {ckpt['card'].get('arch', '?')} segmentation checkpoint, not a generator; "
+            f"{path} is a {ckpt['card'].get('arch', '?')!s:.40} segmentation checkpoint, not a generator; "
             "pass weights from seglab gen train (runs/gen/<name>/weights/generator.pt)"
         )
-    return ckpt
+    return GenCard.from_dict(ckpt["card"], path)
 
 
-def load_generator(path: str | Path) -> tuple[nn.Module, GenCard, dict[str, Any]]:
+def load_generator(path: str | Path, *, trust: bool = False) -> tuple[nn.Module, GenCard, dict[str, Any]]:
     """The generator a checkpoint holds (in eval mode), its card and the checkpoint."""
     from seglab.engine.checkpoint import load_weights
 
-    ckpt = load_generator_checkpoint(path)
-    card = GenCard(**ckpt["card"])
-    card.colors = [tuple(c) for c in card.colors]  # type: ignore[misc]
+    ckpt = load_checkpoint(path, trust=trust)
+    card = check_generator(ckpt, path)
     model = card.build()
     load_weights(model, ckpt["model"], source=str(path))
     return model.eval(), card, ckpt
@@ -158,7 +167,8 @@ class GenTrainer:
         train, val = train_val_splits(spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
         if len(train) < cfg.batch:
             raise SeglabError(f"--batch {cfg.batch} is more than the {len(train)} training images; lower --batch")
-        size = checkpoint["card"]["size"] if checkpoint else generation_size(train[0].image, cfg.img_size)
+        size = GenCard.from_dict(checkpoint["card"], cfg.resume or "").size if checkpoint else None
+        size = size or generation_size(train[0].image, cfg.img_size)
         self.train_set, self.val_set = PairDataset(train, spec, size), PairDataset(val, spec, size)
         self.train_set.preload(progress)
         self.sampler = EpochSampler(len(train), batch=cfg.batch, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -203,7 +213,8 @@ class GenTrainer:
         self.rows: list[dict[str, Any]] = []
         self.stop_signal: int | None = None
         if checkpoint is not None:
-            self.run_dir = Path(cfg.resume).resolve().parent.parent  # type: ignore[arg-type]
+            saved = checkpoint.get("config") or {}
+            self.run_dir, _ = resume_run_dir(cfg.resume or "", saved, out=cfg.out, name=cfg.name, log=log)
             self._restore(checkpoint)
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
@@ -411,7 +422,8 @@ class GenTrainer:
             "batch_in_epoch": batch,
             "optimizer_g": self.optimizer_g.state_dict(),
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
+            "rows": self.rows,
         }
         if self.discriminator is not None and self.optimizer_d is not None:
             state["discriminator"] = self._state(self.discriminator)
@@ -419,6 +431,11 @@ class GenTrainer:
         save_checkpoint(path, state, keep_previous=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        with training_state(self.cfg.resume):
+            self._load_state(ckpt)
+        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
         self.generator.load_state_dict(ckpt["model"])
         self.optimizer_g.load_state_dict(ckpt["optimizer_g"])
         if self.discriminator is not None and self.optimizer_d is not None:
@@ -426,13 +443,9 @@ class GenTrainer:
             self.optimizer_d.load_state_dict(ckpt["optimizer_d"])
         for scheduler, state in zip(self.schedulers, ckpt["schedulers"], strict=True):
             scheduler.load_state_dict(state)
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        restore_rng(ckpt["rng"])
         self.start_epoch, self.start_batch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
-        self.rows = [r for r in read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
-        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+        self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
 
 
 def train_generator(config: str | None = None, *, progress: bool = True, log=print, **overrides: Any) -> dict:

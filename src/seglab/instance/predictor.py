@@ -49,9 +49,11 @@ class InstanceResult:
     path: Path | None = None
 
     def semantic(self) -> np.ndarray:
-        """(H, W) uint8 class indices, 0 = background; where objects overlap, the higher score wins."""
-        out = np.zeros(self.image.shape[:2], dtype=np.uint8)
+        """(H, W) class indices (uint8; uint16 past 256 classes), 0 = background; where objects overlap,
+        the higher score wins."""
         inst = self.instances
+        wide = len(inst) > 0 and int(np.max(inst.labels)) > 255
+        out = np.zeros(self.image.shape[:2], dtype=np.uint16 if wide else np.uint8)
         if inst.masks is None:
             raise SeglabError("a box detector predicts no masks; train --task instance for masks")
         for i in reversed(range(len(inst))):  # lowest score first, so the highest is painted last

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -27,11 +25,20 @@ from torch.utils.data import DataLoader
 
 from seglab.config import TrainConfig, to_dict
 from seglab.data import EpochSampler, resolve_dataset, train_val_splits
-from seglab.engine.checkpoint import ModelCard, make_payload, save_checkpoint
+from seglab.engine.checkpoint import (
+    ModelCard,
+    make_payload,
+    non_finite,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    training_state,
+)
 from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.runs import next_run_dir, restore_rows, resume_run_dir, write_csv
 from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.engine.stopping import TrainingStopped, run_epochs
-from seglab.engine.trainer import epoch_bar, next_run_dir, read_csv, seed_everything, write_csv
+from seglab.engine.trainer import check_sync_bn, epoch_bar, seed_everything
 from seglab.errors import SeglabError
 from seglab.instance.data import InstanceDataset, collate_instances, train_transform
 from seglab.instance.evaluate import evaluate_detector
@@ -69,6 +76,7 @@ class InstanceTrainer:
         if cfg.data and Path(cfg.data).exists():
             cfg = self.cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # val finds it from anywhere
         self.device = resolve_device(cfg.device)
+        check_sync_bn(cfg, self.device)
         seed_everything(cfg.seed, cfg.deterministic)
 
         # ---- data
@@ -133,7 +141,8 @@ class InstanceTrainer:
         self.stop_signal: int | None = None
         if cfg.resume:
             assert checkpoint is not None
-            self.run_dir = Path(cfg.resume).resolve().parent.parent
+            saved = checkpoint["config"]
+            self.run_dir, _ = resume_run_dir(cfg.resume, saved, out=cfg.out, name=cfg.name, log=log)
             self._restore(checkpoint)
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
@@ -182,6 +191,13 @@ class InstanceTrainer:
             if key not in ("epoch", "lr", "epoch_time_s") and value != "":
                 self.tb.add_scalar(key, value, epoch + 1)
         score: float | None = (metrics[self.score_key]["AP"] or 0.0) if metrics else None
+        bad = non_finite(self.model)
+        if bad:  # a diverged detector scores AP 0, and would otherwise become best.pt at epoch 1
+            message = f"the run diverged at epoch {epoch + 1}: {len(bad)} weights or statistics non-finite ({bad[0]})"
+            if cfg.nonfinite != "skip":
+                raise SeglabError(f"{message}; weights/last.pt and best.pt keep the last good epoch. Lower --lr")
+            self.log(f"train: {message}; not a candidate for best.pt (--nonfinite skip)")
+            score = None
         improved = score is not None and score > self.best_ap
         if score is not None and improved:
             self.best_ap = score
@@ -265,22 +281,24 @@ class InstanceTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
+            "rows": self.rows,
         }
         save_checkpoint(path, make_payload(self.model, self.card, **state), keep_previous=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        with training_state(self.cfg.resume):
+            self._load_state(ckpt)
+        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        restore_rng(ckpt["rng"])
         self.start_epoch, self.start_batch, self.best_ap = ckpt["epoch"], ckpt.get("batch_in_epoch", 0), ckpt["best_ap"]
-        self.rows = [r for r in read_csv(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
-        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+        self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
 
     def _write_csv(self) -> None:
         write_csv(self.run_dir / "metrics.csv", CSV_FIELDS, self.rows)

@@ -1,42 +1,56 @@
-"""Micro-batching: one worker thread owns the model and serves a bounded queue of images.
+"""Micro-batching and the memory budget: what the worker thread and the requests in flight may hold.
 
 Requests put an image on the queue and wait on a future. The worker takes the first waiting
 image, then up to ``max_batch - 1`` more that arrive within ``batch_wait_s``, and runs images of
 the same size through one forward pass (same input size means same preprocessed tensor size).
-A full queue is refused at once rather than letting latency grow without bound.
+A full queue is refused at once rather than letting latency grow without bound, and so is a
+request that the :class:`MemoryBudget` has no room for: waiting costs a refused request nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import queue
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from seglab.api import SegModel
+
+log = logging.getLogger("seglab.serve")
 
 
 class QueueFull(Exception):
     """The queue holds ``queue_size`` images already: the caller should answer 503 and retry later."""
 
 
+class WorkerStopped(Exception):
+    """The worker thread has died: nothing more will be answered until the server restarts."""
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer: its (H, W) uint8 class-index mask and the forward pass it shared."""
+    """One image's answer: its (H, W) class-index mask and the forward pass it shared."""
 
-    mask: np.ndarray
+    mask: np.ndarray  # uint8, or uint16 for a model of more than 256 classes
     inference_ms: float  # wall time of the forward pass (and resizing) of the whole group
     batch_size: int  # images in that forward pass
 
 
 @dataclass
 class _Job:
-    image: np.ndarray  # (H, W, C) uint8
-    future: Future[Prediction]
+    image: np.ndarray | None  # (H, W, C) uint8; dropped as soon as the job is done or cancelled
+    future: Future[Prediction] = field(default_factory=Future)
+
+    def __post_init__(self) -> None:
+        # a request that gave up must not keep its image alive in the queue: its budget is given back
+        self.future.add_done_callback(lambda _: setattr(self, "image", None))
 
 
 @dataclass
@@ -56,6 +70,15 @@ class BatchStats:
 _STOP = None  # the queue item that tells the worker to finish
 
 
+def warm_up(model: SegModel) -> None:
+    """One forward pass on a blank image of the size a fixed-shape export takes: a model that
+    cannot run fails here, before the server takes requests, and the first user does not wait
+    for the backend's setup."""
+    card = model.card
+    h, w = card.crop_size or (card.img_size, card.img_size)
+    list(model.iter_predict([np.zeros((h, w, card.in_channels), np.uint8)]))
+
+
 class Batcher:
     """The bounded queue and the single worker thread that runs ``model`` on what it holds."""
 
@@ -63,9 +86,9 @@ class Batcher:
         self.model = model
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.stats = BatchStats()
+        self.failure: str | None = None  # why the worker died, once it has
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._work, name="seglab-serve-worker", daemon=True)
-        self._ready = threading.Event()
 
     @property
     def depth(self) -> int:
@@ -74,8 +97,8 @@ class Batcher:
 
     @property
     def ready(self) -> bool:
-        """The worker has warmed the model up and is taking images."""
-        return self._ready.is_set() and self._thread.is_alive()
+        """The worker is running and taking images."""
+        return self._thread.is_alive() and self.failure is None
 
     def start(self) -> None:
         self._thread.start()
@@ -91,29 +114,41 @@ class Batcher:
                 job.future.cancel()
 
     def submit(self, image: np.ndarray) -> Future[Prediction]:
-        """Queue one (H, W, C) uint8 image; raises QueueFull instead of waiting for room."""
-        job = _Job(image, Future())
+        """Queue one (H, W, C) uint8 image; raises QueueFull instead of waiting for room, and
+        WorkerStopped once the worker has died."""
+        if self.failure is not None:
+            raise WorkerStopped(self.failure)
+        job = _Job(image)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
+        if self.failure is not None:  # it died while this job was being queued: nobody will take it
+            self._fail_waiting()
         return job.future
 
     def _work(self) -> None:
-        self._warm_up()
-        self._ready.set()
-        while (first := self._queue.get()) is not _STOP:
-            jobs, stop = self._gather(first)
-            # a request that timed out while waiting has cancelled its future: skip it
-            self._run([job for job in jobs if job.future.set_running_or_notify_cancel()])
-            if stop:
-                return
+        try:
+            while (first := self._queue.get()) is not _STOP:
+                jobs, stop = self._gather(first)
+                # a request that timed out while waiting has cancelled its future: skip it
+                self._run([job for job in jobs if job.future.set_running_or_notify_cancel()])
+                if stop:
+                    return
+        except BaseException as e:  # whatever kills the worker (SystemExit, a bug here), the server must say so
+            self.failure = one_line(e)
+            log.error("serve: the inference worker stopped (%s); restart seglab serve", self.failure)
+            self._fail_waiting()
 
-    def _warm_up(self) -> None:
-        """One forward pass before the first request, so its user does not wait for the backend's setup."""
-        card = self.model.card
-        h, w = card.crop_size or (card.img_size, card.img_size)  # the size a fixed-shape export takes
-        list(self.model.iter_predict([np.zeros((h, w, card.in_channels), np.uint8)]))
+    def _fail_waiting(self) -> None:
+        """Answer every queued request now (503) rather than letting each wait for its timeout."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerStopped(self.failure))
 
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
         """``first`` and whatever else arrives within the batch window, up to ``max_batch``;
@@ -135,16 +170,120 @@ class Batcher:
         """One forward pass per image size; every future gets its mask or the exception."""
         groups: dict[tuple[int, ...], list[_Job]] = defaultdict(list)
         for job in jobs:
-            groups[job.image.shape].append(job)
-        for group in groups.values():
-            start = time.perf_counter()
-            try:
-                results = list(self.model.iter_predict([job.image for job in group], batch=len(group)))
-            except Exception as e:  # the worker must outlive a failing batch; its requests get a 500
-                for job in group:
-                    job.future.set_exception(e)
-                continue
-            elapsed_ms = 1000 * (time.perf_counter() - start)
-            self.stats.record(len(group))
-            for job, result in zip(group, results, strict=True):
-                job.future.set_result(Prediction(result.mask, elapsed_ms, len(group)))
+            groups[() if job.image is None else job.image.shape].append(job)
+        try:
+            for group in groups.values():
+                self._run_group(group)
+        except BaseException:  # the worker is dying: none of these may wait for its timeout
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(WorkerStopped("the inference worker stopped"))
+            raise
+
+    def _run_group(self, group: list[_Job]) -> None:
+        images = [job.image for job in group if job.image is not None]  # all of them: running jobs keep theirs
+        start = time.perf_counter()
+        try:
+            masks = [result.mask for result in self.model.iter_predict(images, batch=len(images))]
+        except Exception as e:  # the worker must outlive a failing batch; its requests get a 500
+            for job in group:
+                job.future.set_exception(e)
+            return
+        finally:
+            del images  # the masks are all that is kept; the futures' callbacks drop the jobs' images
+        elapsed_ms = 1000 * (time.perf_counter() - start)
+        self.stats.record(len(group))
+        for job, mask in zip(group, masks, strict=True):
+            job.future.set_result(Prediction(mask, elapsed_ms, len(group)))
+
+
+# --------------------------------------------------------------------------- the memory budget
+
+
+class Busy(Exception):
+    """The memory budget has no room for this request now: 503, retry shortly."""
+
+
+class MemoryBudget:
+    """The bytes that requests in flight may hold, taken before they are used and given back after.
+
+    Taking never waits: a request that does not fit is refused at once, so a burst costs the
+    server no more than ``total`` bytes, whatever the number of clients. When the last request
+    gives its share back, the memory freed is handed back to the OS (glibc keeps it otherwise).
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+        self._peak = 0  # most held since the last hand-back to the OS
+        self._lock = threading.Lock()
+
+    def hold(self) -> Hold:
+        return Hold(self)
+
+    def _take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.held + nbytes > self.total:
+                return False
+            self.held += nbytes
+            self._peak = max(self._peak, self.held)
+            return True
+
+    def _give(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+            trim = self.held == 0 and self._peak >= TRIM_AFTER
+            if trim:
+                self._peak = 0
+        if trim:  # in its own thread: it may take a few milliseconds, and this may be the event loop
+            threading.Thread(target=release_free_memory, name="seglab-serve-trim", daemon=True).start()
+
+
+TRIM_AFTER = 256 * 2**20  # hand memory back to the OS after a burst that held this much
+
+
+class Hold:
+    """One request's share of the budget: ``take`` more as it is needed, ``close`` gives all back."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget, self.nbytes = budget, 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        """Take ``nbytes`` more, or raise Busy."""
+        if not self.budget._take(nbytes):
+            raise Busy
+        with self._lock:
+            self.nbytes += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Give ``nbytes`` back early (the upload, once it is decoded)."""
+        with self._lock:
+            nbytes = min(nbytes, self.nbytes)
+            self.nbytes -= nbytes
+        self.budget._give(nbytes)
+
+    def close(self) -> None:
+        self.give(self.nbytes)
+
+
+def release_free_memory() -> None:
+    """glibc's ``malloc_trim(0)``: return freed heap memory to the OS (elsewhere, nothing to do)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _libc_malloc_trim() -> Any:  # the ctypes function, or None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters), for one-line log entries."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

@@ -8,14 +8,18 @@ HTTP status and a message that says what to send instead.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from python_multipart.multipart import FormParser, parse_options_header
 
+from seglab.data.io import ImageHeader, UnreadableImage, decode_image, probe_image
+
 FORM_FIELD = "file"
+FORM_PARTS = 8  # the page and `curl -F` send one; more is refused before the rest is parsed
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 
 
@@ -45,13 +49,23 @@ def image_bytes(body: bytes, content_type: str | None) -> bytes:
 
 
 def _form_file(body: bytes, content_type: str) -> bytes:
-    """Parse multipart/form-data in memory (Starlette's forms spool files over 1 MB to disk)."""
+    """Parse multipart/form-data in memory (Starlette's forms spool files over 1 MB to disk).
+
+    At most FORM_PARTS parts are read: a form of thousands of tiny fields is refused after a few
+    hundred bytes instead of costing seconds of parsing."""
     _, params = parse_options_header(content_type)
     if b"boundary" not in params:
         raise RequestError(400, "multipart/form-data without a boundary: let your HTTP client build the form")
     found: list[bytes] = []
+    parts = 0
 
     def on_part(part: Any) -> None:  # a File (a part with a filename) or a Field (one without)
+        nonlocal parts
+        parts += 1
+        if parts > FORM_PARTS:
+            raise RequestError(
+                400, f"the form has more than {FORM_PARTS} parts: send the image alone, as the field '{FORM_FIELD}'"
+            )
         if part.field_name == FORM_FIELD.encode():
             found.append(part.file_object.getvalue() if hasattr(part, "file_object") else part.value or b"")
 
@@ -65,74 +79,107 @@ def _form_file(body: bytes, content_type: str) -> bytes:
     try:
         parser.write(body)
         parser.finalize()
+    except RequestError:
+        raise
     except Exception as e:  # python-multipart raises several types for malformed forms
-        raise RequestError(400, f"malformed multipart/form-data ({e})") from None
+        raise RequestError(400, f"malformed multipart/form-data ({str(e)[:200]})") from None
     if not found:
         raise RequestError(400, f"the form has no field '{FORM_FIELD}': send the image as {FORM_FIELD}=@image.png")
     return found[0]
 
 
-def decode_image(data: bytes, channels: int, max_side: int) -> np.ndarray:
-    """Decode an uploaded image to (H, W, channels) uint8, refusing oversized and broken ones.
+def probe_upload(data: bytes, max_side: int) -> ImageHeader:
+    """The uploaded image's size and mode from its header, before any pixel is decoded."""
+    try:
+        return probe_image(data, max_side=max_side)
+    except UnreadableImage as e:
+        raise _refusal(e, max_side) from None
 
-    The size is checked from the header before any pixel is decoded, so a small file claiming
-    a huge image (a decompression bomb) costs nothing. JPEG EXIF orientation is applied, as
-    browsers do when they show the image, so the mask lines up with what the user sees.
-    """
-    if not data:
-        raise RequestError(400, f"the request holds no image: send it as the body or the form field '{FORM_FIELD}'")
+
+def decode_upload(data: bytes, channels: int, max_side: int) -> np.ndarray:
+    """Decode an uploaded image to (H, W, channels) uint8 with the decoder `seglab predict` uses
+    (so the same file gives the same mask both ways); a broken one is refused, never a 500."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise RequestError(413, f"the image has too many pixels ({e})") from None
-    except UnidentifiedImageError:
-        raise RequestError(415, "the data is not an image: send a PNG, JPEG, BMP, TIFF or WebP file") from None
-    width, height = image.size
-    if max(width, height) > max_side:
-        raise RequestError(413, f"the image is {width}x{height}; its longest side may be at most {max_side} pixels")
-    try:
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-        array = np.asarray(upright.convert("RGB" if channels == 3 else "L"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RequestError(400, f"the image data is corrupt or truncated ({e})") from None
-    return array if array.ndim == 3 else array[..., None]
+        return decode_image(data, channels, max_side=max_side)
+    except UnreadableImage as e:
+        raise _refusal(e, max_side) from None
+
+
+def _refusal(error: UnreadableImage, max_side: int) -> RequestError:
+    if error.problem == "empty":
+        return RequestError(400, f"the request holds no image: send it as the body or the form field '{FORM_FIELD}'")
+    if error.problem == "format":
+        return RequestError(415, "the data is not an image: send a PNG, JPEG, BMP, TIFF or WebP file")
+    if error.problem == "size":
+        width, height = error.size or (0, 0)
+        if max(width, height) > max_side:
+            return RequestError(
+                413, f"the image is {width}x{height}; its longest side may be at most {max_side} pixels (--max-side)"
+            )
+        return RequestError(413, f"the image is {width}x{height}: {error.reason}")
+    return RequestError(400, f"the image data is corrupt or truncated ({error.reason}); send the whole file")
 
 
 # --------------------------------------------------------------------------- the answer
 
 
 def mask_png(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> bytes:
-    """The (H, W) class-index mask as a palette PNG: pixel value = class index, palette = class colours."""
+    """The (H, W) class-index mask as a PNG whose pixel values are the class indices: a palette PNG
+    (palette = class colours) up to 256 classes, a 16-bit greyscale one beyond (palettes hold 256)."""
     from seglab.plots import palette_image
 
     buffer = io.BytesIO()
-    palette_image(mask, colors).save(buffer, format="PNG")
+    if len(colors) > 256 or mask.dtype != np.uint8:
+        Image.fromarray(mask.astype(np.uint16, copy=False)).save(buffer, format="PNG")
+    else:
+        palette_image(mask, colors).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def label_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Run-length encoding of the label map in row-major order.
+def mask_json(mask: np.ndarray, classes: Sequence[str], colors: Sequence[Sequence[int]], **extra: Any) -> bytes:
+    """The JSON answer: the image size, each class's area, the mask as run lengths (``rle``), then ``extra``.
 
-    ``values[i]`` repeated ``counts[i]`` times, concatenated, is the mask read row by row:
-    ``np.repeat(values, counts).reshape(height, width)`` decodes it.
-    """
-    flat = mask.ravel()
-    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
-    counts = np.diff(np.r_[starts, flat.size])
-    return {"order": "row-major", "size": [int(mask.shape[0]), int(mask.shape[1])],
-            "values": flat[starts].tolist(), "counts": counts.tolist()}  # fmt: skip
-
-
-def mask_summary(mask: np.ndarray, classes: Sequence[str], colors: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """The JSON answer: the image size, each class's area, and the mask as run lengths."""
+    ``rle`` is the label map read row by row: ``values[i]`` repeated ``counts[i]`` times, so
+    ``np.repeat(values, counts).reshape(height, width)`` decodes it."""
     pixels = np.bincount(mask.ravel(), minlength=len(classes))
-    return {
+    head = {
         "width": int(mask.shape[1]),
         "height": int(mask.shape[0]),
         "classes": [
             {"index": i, "name": name, "color": list(color), "pixels": int(n), "fraction": float(n) / mask.size}
             for i, (name, color, n) in enumerate(zip(classes, colors, pixels, strict=False))
         ],
-        "rle": label_rle(mask),
     }
+    values, counts = run_lengths_text(mask)
+    rle = f', "rle": {{"order": "row-major", "size": [{mask.shape[0]}, {mask.shape[1]}], "values": ['
+    tail = [f", {json.dumps(key)}: {json.dumps(value)}".encode() for key, value in extra.items()]
+    pieces = [json.dumps(head)[:-1].encode(), rle.encode(), *values, b'], "counts": [', *counts, b"]}", *tail, b"}"]
+    return b"".join(pieces)
+
+
+def run_lengths_text(mask: np.ndarray, step: int = 1 << 18) -> tuple[list[bytes], list[bytes]]:
+    """The row-major runs of ``mask`` as comma-separated text, in pieces: (values, counts).
+
+    Computed ``step`` pixels at a time, the run that may go on into the next slice held back, so
+    no array or list of all the runs is ever made: a mask with a run per pixel costs a few bytes
+    a pixel as text, where whole-mask arrays and Python lists of its runs would cost tens."""
+    flat = mask.ravel()
+    values: list[bytes] = []
+    counts: list[bytes] = []
+    last_value, last_count = -1, 0  # the held-back run; -1: none yet
+    for i in range(0, flat.size, step):
+        piece = flat[i : i + step]
+        starts = np.flatnonzero(np.r_[True, piece[1:] != piece[:-1]])
+        run_values, run_counts = piece[starts].tolist(), np.diff(np.r_[starts, piece.size]).tolist()
+        if run_values[0] == last_value:
+            run_counts[0] += last_count
+        elif last_count:
+            run_values.insert(0, last_value)
+            run_counts.insert(0, last_count)
+        last_value, last_count = run_values.pop(), run_counts.pop()
+        if run_values:
+            values.append(",".join(map(str, run_values)).encode() + b",")
+            counts.append(",".join(map(str, run_counts)).encode() + b",")
+    values.append(str(last_value).encode())
+    counts.append(str(last_count).encode())
+    return values, counts

@@ -13,8 +13,10 @@ number of classes from the largest label in the masks.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,13 +27,16 @@ from seglab.data.formats.common import (
     IMAGE_SUFFIXES,
     MAX_LISTED,
     MAX_SCANNED_MASKS,
+    MAX_SEMANTIC_CLASSES,
     SPLIT_ALIASES,
     SPLIT_ORDER,
     DatasetFormat,
     Metadata,
+    _listing,
     _validate_config,
     color_palette,
     thread_map,
+    too_many_classes,
 )
 
 # Importing a layout module registers it in FORMATS, and _detect tries FORMATS in insertion order,
@@ -46,6 +51,7 @@ from seglab.data.formats.folders import IMAGE_DIRS, MASK_DIRS, MASK_SUFFIXES, lo
 
 # isort: on
 from seglab.data.builtin import BUILTIN_DATASETS, resolve_builtin
+from seglab.data.io import read_mask
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError
 from seglab.registry import did_you_mean
@@ -63,6 +69,7 @@ __all__ = [
     "MASK_SUFFIXES",
     "MAX_LISTED",
     "MAX_SCANNED_MASKS",
+    "MAX_SEMANTIC_CLASSES",
     "SPLIT_ALIASES",
     "SPLIT_ORDER",
     "VOC_CLASSES",
@@ -169,6 +176,8 @@ def resolve_dataset(
         raise SeglabError(
             f"{root}: the {name} layout was recognised but it lists no images; expected {FORMATS[name].expects}"
         )
+    if task == "semantic" and spec.num_classes > MAX_SEMANTIC_CLASSES:
+        raise SeglabError(too_many_classes(spec, str(yaml_path or root)))
     if strict and spec.problems:
         shown = "; ".join(spec.problems[:MAX_LISTED])
         more = f"; and {len(spec.problems) - MAX_LISTED} more" if len(spec.problems) > MAX_LISTED else ""
@@ -185,16 +194,52 @@ def _holdout(n: int, val_fraction: float, seed: int) -> list[int]:
 
 
 def train_val_splits(
-    spec: DatasetSpec, *, val_fraction: float, seed: int, limit: int | None = None
+    spec: DatasetSpec,
+    *,
+    val_fraction: float,
+    seed: int,
+    limit: int | None = None,
+    labelled: Callable[[Sample], bool] | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
-    """The train and val samples a training run uses (each cut to ``limit``); both must be non-empty."""
+    """The train and val samples a training run uses (each cut to ``limit``), or a SeglabError saying
+    why training cannot start on them.
+
+    This is the one place that decides whether the splits are trainable, for every trainer and for
+    ``seglab data check``: each split needs an image, and a labelled pixel (a class, not the ignore
+    value) somewhere in its masks -- a train split without one trains on nothing, a val split
+    without one scores nothing. ``labelled(sample)`` says whether a sample's mask has one; by default
+    the masks are read until one does (normally the first). ``data check`` passes what it already read.
+    """
     train = get_split(spec, "train", val_fraction=val_fraction, seed=seed)
     val = get_split(spec, "val", val_fraction=val_fraction, seed=seed)
     if limit:
         train, val = train[:limit], val[:limit]
     if not train or not val:
         raise SeglabError(f"{spec.root}: the train and val splits need at least one image each")
+    if spec.num_classes > MAX_SEMANTIC_CLASSES:  # --task instance/detect only: no 8-bit label map to read
+        return train, val
+    has_labels = labelled or functools.partial(_has_labels, spec=spec)
+    unlabelled = [name for name, samples in (("train", train), ("val", val)) if not any(map(has_labels, samples))]
+    if unlabelled:
+        samples = {"train": train, "val": val}
+        what = "; ".join(
+            f"the {name} split has no labelled pixels: none of its {len(samples[name])} mask(s) "
+            f"({_listing([s.mask or s.image for s in samples[name]])}) holds a class value 0..{spec.num_classes - 1}"
+            for name in unlabelled
+        )
+        raise SeglabError(
+            f"{spec.root}: {what}; every pixel is ignore_index {spec.ignore_index} (or the masks are unreadable), "
+            "so training would learn nothing; fix the masks, or set mask_encoding / ignore_index in data.yaml"
+        )
     return train, val
+
+
+def _has_labels(sample: Sample, *, spec: DatasetSpec) -> bool:
+    """Whether ``sample``'s mask has a pixel of a class (values past the classes are check_labels' business)."""
+    try:
+        return bool((read_mask(sample, spec) < spec.num_classes).any())
+    except SeglabError:  # unreadable: training skips it (or stops on it with --strict-data)
+        return False
 
 
 def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: int = 0) -> list[Sample]:
@@ -228,9 +273,8 @@ def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: 
         held_set = set(held)
         return [s for i, s in enumerate(train) if i not in held_set]
     available = list(spec.splits) + ([] if has_val or "train" not in spec.splits else ["val (held out from train)"])
-    raise SeglabError(
-        f"{spec.root}: no split '{name}'{did_you_mean(name, list(spec.splits))}; available: {', '.join(available)}"
-    )
+    listed = ", ".join(available) or "none (every sample was left out: see the problems listed)"
+    raise SeglabError(f"{spec.root}: no split '{name}'{did_you_mean(name, list(spec.splits))}; available: {listed}")
 
 
 def split_names(spec: DatasetSpec) -> list[str]:

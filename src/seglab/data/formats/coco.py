@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,9 +16,12 @@ from seglab.data.formats.common import (
     _listing,
     _register,
     _spec,
+    read_text,
+    thread_map,
 )
+from seglab.data.io import MAX_PIXELS, UnreadableImage, probe_image
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
-from seglab.errors import SeglabError
+from seglab.errors import SeglabError, short
 
 
 def _coco_files(root: Path) -> dict[str, Path]:
@@ -52,17 +56,74 @@ def _detect_coco(root: Path) -> bool:
     return bool(_coco_files(root))
 
 
+# The fields seglab reads from each entry, and the JSON types they may have (ids may be strings in
+# some exports; category ids are sorted, so they must be numbers).
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "images": {"id": (int, str), "file_name": (str,), "height": (int,), "width": (int,)},
+    "annotations": {"image_id": (int, str), "category_id": (int, str)},
+    "categories": {"id": (int,), "name": (str, int)},
+}
+
+
 def _read_coco(path: Path) -> dict[str, Any]:
+    """A COCO instances file, its structure checked: every field seglab reads has the right type."""
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        content = json.loads(read_text(path, "COCO annotations"))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise SeglabError(f"cannot read COCO annotations {path}: {e}; fix or re-export the file") from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in content]
-    if not isinstance(content, dict) or missing:
+    missing = [k for k in _FIELDS if k not in content] if isinstance(content, dict) else list(_FIELDS)
+    if missing:
         raise SeglabError(
             f"{path} is not a COCO instances file (missing {', '.join(missing)}); export COCO 'instances' annotations"
         )
+    for key, fields in _FIELDS.items():
+        entries = content[key]
+        if not isinstance(entries, list):
+            raise SeglabError(f"{path}: '{key}' is a {type(entries).__name__}, not a list; fix or re-export the file")
+        for i, entry in enumerate(entries):
+            bad = next(
+                (f for f, types in fields.items() if not isinstance(entry, dict) or not _is(entry.get(f), types)), None
+            )
+            if bad is not None:
+                found = f"{bad}={short(entry.get(bad))}" if isinstance(entry, dict) else f"a {type(entry).__name__}"
+                kinds = " or ".join(t.__name__ for t in fields[bad]) if isinstance(entry, dict) else "object"
+                raise SeglabError(f"{path}: {key}[{i}] has {found}, expected {kinds}; fix or re-export the file")
+            if key == "images" and min(entry["height"], entry["width"]) < 1:
+                raise SeglabError(
+                    f"{path}: images[{i}] ({entry['file_name']}) is {entry['width']}x{entry['height']}; "
+                    "width and height must be positive"
+                )
     return content
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)  # JSON true is not an id
+
+
+def _size_problem(json_path: Path, found: tuple[dict[str, Any], Path]) -> str | None:
+    """Why the declared size of ``found`` (an image entry of ``json_path`` and its file) cannot be trusted, or None.
+
+    Masks are drawn at the declared size, so it is checked before any is: against the size in the
+    image file's header (only the header is read) and a pixel cap. A file that declares 60000x60000
+    for a 64x48 image would otherwise allocate gigabytes per annotation. The size turned by 90
+    degrees passes here (EXIF-rotated photos are decoded upright): it costs no more memory, and
+    reading the sample finds out whether it fits the decoded image.
+    """
+    image, path = found
+    h, w, name = image["height"], image["width"], image["file_name"]
+    try:
+        header = probe_image(path)
+        real: tuple[int, int] | None = (header.width, header.height)
+    except UnreadableImage as e:  # over the pixel cap (its size is known), or unreadable: read_image reports
+        real = e.size  # that by file, and no mask is drawn for an image that cannot be read
+    if real is not None and (w, h) not in (real, real[::-1]):
+        return (
+            f"{json_path}: image {name} is declared {w}x{h} (width x height) but {path} is {real[0]}x{real[1]}; "
+            "fix its width and height in the annotation file"
+        )
+    if h * w > MAX_PIXELS:
+        return f"{json_path}: image {name} declares {w}x{h} pixels, more than {MAX_PIXELS:,}; fix its width and height"
+    return None
 
 
 def _coco_classes(files: dict[str, dict[str, Any]], notes: list[str]) -> tuple[list[str], dict[int, int]]:
@@ -145,23 +206,28 @@ def load_coco(root: Path, cfg: DataConfig) -> DatasetSpec:
                 continue
             by_image.setdefault(ann["image_id"], []).append({**ann, "category_id": index[ann["category_id"]]})
         if unknown:
-            problems.append(f"{paths[split]}: annotations with unknown category ids {dict(unknown)}")
-        samples, missing = [], []
-        for image in content["images"]:
-            path = base / image["file_name"]
-            if not path.is_file():
-                missing.append(image["file_name"])
+            ids = [f"{cid} ({n})" for cid, n in unknown.most_common()]
+            problems.append(f"{paths[split]}: annotations with unknown category ids: {_listing(ids)}")
+        samples: list[Sample] = []
+        images = [(image, base / image["file_name"]) for image in content["images"]]
+        exists = [path.is_file() for _, path in images]
+        found = [pair for pair, ok in zip(images, exists, strict=True) if ok]
+        missing = [image["file_name"] for (image, _), ok in zip(images, exists, strict=True) if not ok]
+        if missing:
+            problems.append(f"{paths[split]}: {len(missing)} image(s) not found in {base}: {_listing(missing)}")
+        size_problems = thread_map(functools.partial(_size_problem, paths[split]), found)
+        for (image, path), size_problem in zip(found, size_problems, strict=True):
+            if size_problem:
+                problems.append(size_problem)  # the image is left out, as one without a file is
                 continue
             samples.append(
                 Sample(
                     image=path,
                     annotations=by_image.get(image["id"], []),
-                    size=(int(image["height"]), int(image["width"])),
+                    size=(image["height"], image["width"]),
                     coco_id=image["id"],
                 )
             )
-        if missing:
-            problems.append(f"{paths[split]}: {len(missing)} image(s) not found in {base}: {_listing(missing)}")
         splits[split] = samples
     meta = Metadata(classes=classes, mask_encoding="coco", fixed=True)
     return _finish(_spec(root, "coco", splits, notes, problems), cfg, meta, str(root))

@@ -26,6 +26,9 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 SPLIT_ORDER = ("train", "val", "test")
 MAX_SCANNED_MASKS = 1000  # masks read to infer classes or colours when data.yaml does not say
 MAX_LISTED = 5  # file names shown in one error before "and N more"
+# Semantic masks are 8-bit: classes 0..254 and the ignore value 255. Only --task instance/detect
+# (objects, not label maps) can use more; resolve_dataset refuses more for the semantic task.
+MAX_SEMANTIC_CLASSES = 255
 
 # --------------------------------------------------------------------------- palette and metadata
 
@@ -95,6 +98,16 @@ def thread_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return list(pool.map(fn, items))
 
 
+def read_text(path: Path, what: str) -> str:
+    """The text of a list or names file, or a SeglabError naming it (unreadable, not UTF-8)."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise SeglabError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise SeglabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
 def _listing(paths: Sequence[Any]) -> str:
     """'a, b, c' for up to MAX_LISTED names, then 'and N more'."""
     shown = ", ".join(str(p) for p in paths[:MAX_LISTED])
@@ -133,7 +146,10 @@ def _spec(root: Path, fmt: str, splits: dict[str, list[Sample]], notes: list[str
 
 
 def _probe_encoding(samples: Sequence[Sample]) -> tuple[str, str | None]:
-    """Guess how masks are encoded from up to 8 of them: 'rgb', 'binary' or 'index'."""
+    """Guess how masks are encoded from up to 8 of them: 'rgb', 'binary' or 'index', and a note saying so.
+
+    Binary needs both 0 and 255: masks of 255 alone are no evidence of it (all foreground? all
+    ignore?), so they are read as class indices, where 255 is the default ignore value."""
     values: set[int] = set()
     modes: set[str] = set()
     for sample in _evenly(samples, 8):
@@ -149,7 +165,16 @@ def _probe_encoding(samples: Sequence[Sample]) -> tuple[str, str | None]:
             return "rgb", "masks are RGB colour images: colours are mapped to classes"
         modes.add(mode)
         values |= set(np.unique(raw).tolist())
-    if values and values <= {0, 255} and 255 in values and "P" not in modes:
+    if values == {255} and "P" not in modes:  # the few masks probed may be all-foreground ones
+        hist, n_read = _scan_index_masks(samples)
+        values = set(np.flatnonzero(hist).tolist())
+        if values == {255}:
+            return "index", (
+                f"the {n_read} masks read hold only the value 255: not read as binary (that needs 0 and 255) "
+                "but as class indices, where 255 is the ignore value unless ignore_index says otherwise; "
+                "set mask_encoding: binary in data.yaml if 255 means foreground"
+            )
+    if values == {0, 255} and "P" not in modes:
         return "binary", (
             "masks hold only the values 0 and 255: read as binary, 0 -> 0 (background), "
             "255 -> 1 (foreground); "
@@ -212,8 +237,6 @@ def _validate_config(cfg: DataConfig, source: str) -> None:
         )
     if cfg.classes is not None and not cfg.classes:
         raise SeglabError(f"{source}: classes is empty; list the class names in label order")
-    if cfg.classes is not None and len(cfg.classes) > 255:
-        raise SeglabError(f"{source}: {len(cfg.classes)} classes; masks are 8-bit, so at most 255 are possible")
     for i, c in enumerate(cfg.colors or []):
         if len(c) != 3 or not all(0 <= v <= 255 for v in c):
             raise SeglabError(f"{source}: colors[{i}] = {c} is not an [r, g, b] triple of 0..255 values")
@@ -295,6 +318,12 @@ def _finish(spec: DatasetSpec, cfg: DataConfig, meta: Metadata | None, source: s
         hist, n_read = _scan_index_masks(masks)
         labels = [v for v in np.flatnonzero(hist).tolist() if v != ignore]
         n = (max(labels) + 1) if labels else 1
+        if n > MAX_SEMANTIC_CLASSES:
+            raise SeglabError(
+                f"{source}: the masks hold the value 255, which ignore_index {ignore} makes a class (the 256th); "
+                "8-bit masks hold at most 255 classes plus the ignore value: set ignore_index: 255 in data.yaml, "
+                "or fix the masks"
+            )
         classes = [f"class{i}" for i in range(n)]
         notes.append(
             f"classes inferred from the masks: largest label {n - 1} in {n_read} masks -> {n} classes "
@@ -311,15 +340,40 @@ def _finish(spec: DatasetSpec, cfg: DataConfig, meta: Metadata | None, source: s
             f"{source}: data.yaml gives {len(colors)} colors for the {len(classes)} classes of the "
             f"{spec.format} layout; give one [r, g, b] per class"
         )
-    if ignore < len(classes):
+    ignore = _checked_ignore(ignore, classes, source)
+    spec.classes, spec.colors, spec.ignore_index, spec.mask_encoding = classes, colors, ignore, encoding
+    return spec
+
+
+def _checked_ignore(ignore: int, classes: list[str], source: str) -> int:
+    """The ignore index, which must not be a class index."""
+    if len(classes) > MAX_SEMANTIC_CLASSES:
+        # Only --task instance/detect can use these classes (see too_many_classes), and there no label
+        # value stands for "ignore": the first value past the classes keeps the card consistent.
+        return len(classes)
+    if ignore < len(classes):  # len(classes) <= 255 here, so the advice can be followed
         raise SeglabError(
             f"{source}: ignore_index {ignore} is also a class index ({classes[ignore]!r}); "
             f"use a value of at least {len(classes)} (usually 255)"
         )
-    if len(classes) > 255:
-        raise SeglabError(f"{source}: {len(classes)} classes; masks are 8-bit, so at most 255 are possible")
-    spec.classes, spec.colors, spec.ignore_index, spec.mask_encoding = classes, colors, ignore, encoding
-    return spec
+    return ignore
+
+
+def too_many_classes(spec: DatasetSpec, source: str) -> str:
+    """Why ``spec`` cannot be read as semantic masks (more than 255 classes), and what can be done."""
+    n = spec.num_classes
+    what = f"{n - 1} COCO categories + background = {n} classes" if spec.format == "coco" else f"{n} classes"
+    if spec.mask_encoding in ("coco", "instance"):  # objects: the instance task reads them without a label map
+        fix = (
+            "train with --task instance or --task detect, which have no such limit, or merge or drop "
+            f"categories until at most {MAX_SEMANTIC_CLASSES - 1} remain besides background"
+        )
+    else:
+        fix = f"list at most {MAX_SEMANTIC_CLASSES} classes in data.yaml"
+    return (
+        f"{source}: {what}, but semantic masks are 8-bit and hold at most {MAX_SEMANTIC_CLASSES} classes "
+        f"(0..{MAX_SEMANTIC_CLASSES - 1}) plus the ignore value 255; {fix}"
+    )
 
 
 def _finish_instance(spec: DatasetSpec, cfg: DataConfig, source: str) -> DatasetSpec:
@@ -332,7 +386,7 @@ def _finish_instance(spec: DatasetSpec, cfg: DataConfig, source: str) -> Dataset
         try:
             raw = json.loads(path.read_text())
             assert isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values())
-        except (OSError, ValueError, AssertionError):
+        except (OSError, ValueError, RecursionError, AssertionError):  # UnicodeDecodeError is a ValueError
             raise SeglabError(
                 f"{source}: class_map {path} is not a readable JSON object of the form "
                 '{"mask file name": {"instance id": "class name"}}; fix or remove class_map:'
@@ -345,10 +399,17 @@ def _finish_instance(spec: DatasetSpec, cfg: DataConfig, source: str) -> Dataset
             raise SeglabError(
                 f"{source}: class_map {path} names classes not in classes: ({', '.join(unknown)}); add them"
             )
+        position = {name: i for i, name in reversed(list(enumerate(names)))}  # the first of repeated names
         try:
-            spec.class_map = {m: {int(i): names.index(str(c)) for i, c in ids.items()} for m, ids in raw.items()}
+            spec.class_map = {m: {int(i): position[str(c)] for i, c in ids.items()} for m, ids in raw.items()}
         except ValueError:
             raise SeglabError(f"{source}: class_map {path}: instance ids must be integers") from None
+        negative = [f"{m}: {i}" for m, ids in spec.class_map.items() for i in ids if i < 0]
+        if negative:  # an id of -1 would index the class table from its end, relabelling the largest id
+            raise SeglabError(
+                f"{source}: class_map {path} lists negative instance ids ({_listing(negative)}); "
+                "ids are 0 (background) or positive"
+            )
         spec.notes.append(f"instance masks: classes of each object from {path} ({len(raw)} masks listed)")
     else:
         names = names or ["background", "object"]
@@ -358,7 +419,7 @@ def _finish_instance(spec: DatasetSpec, cfg: DataConfig, source: str) -> Dataset
                 "add class_map: (a JSON file) or list two classes (background and the object class)"
             )
         spec.notes.append(f"instance masks: every object is class 1 '{names[1]}' (add class_map: for more classes)")
-    ignore = cfg.ignore_index if cfg.ignore_index is not None else DEFAULT_IGNORE_INDEX
+    ignore = _checked_ignore(cfg.ignore_index if cfg.ignore_index is not None else DEFAULT_IGNORE_INDEX, names, source)
     colors = [(c[0], c[1], c[2]) for c in cfg.colors] if cfg.colors is not None else color_palette(len(names))
     spec.classes, spec.colors, spec.ignore_index, spec.mask_encoding = names, colors, ignore, "instance"
     return spec

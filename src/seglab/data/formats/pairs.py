@@ -14,6 +14,7 @@ from seglab.data.formats.common import (
     _register,
     _scan_index_masks,
     _spec,
+    read_text,
 )
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError
@@ -38,10 +39,7 @@ def _find_listed(token: str, root: Path, list_dir: Path) -> Path | None:
 
 def _read_pair_list(list_file: Path, root: Path, problems: list[str]) -> list[Sample]:
     samples = []
-    try:
-        lines = list_file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SeglabError(f"cannot read pair list {list_file}: {e}") from None
+    lines = read_text(list_file, "pair list").splitlines()
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -90,13 +88,25 @@ def _camvid_metadata(root: Path, splits: dict[str, list[Sample]]) -> Metadata | 
 @_register("pairs", "train.txt / val.txt (/ test.txt) listing 'image_path mask_path' per line", _detect_pairs)
 def load_pairs(root: Path, cfg: DataConfig) -> DatasetSpec:
     problems: list[str] = []
+    notes: list[str] = []
     splits = {}
     for split in SPLIT_ORDER:
         given = getattr(cfg, split)
         list_file = root / given if given else root / f"{split}.txt"
         if given and not list_file.is_file():
             raise SeglabError(f"{split}: pair list {list_file} not found; fix '{split}:' in data.yaml")
-        if list_file.is_file():
-            splits[split] = _read_pair_list(list_file, root, problems)
-    spec = _spec(root, "pairs", splits, [], problems)
+        if not list_file.is_file():
+            continue
+        before = len(problems)
+        splits[split] = _read_pair_list(list_file, root, problems)
+        if splits[split] or len(problems) > before:
+            continue
+        # A list with no pair at all: training cannot start without train; an empty val or test is left out.
+        empty = f"{list_file} lists no 'image_path mask_path' pairs"
+        if split == "train":
+            problems.append(f"{empty}: there is nothing to train on; add the pairs")
+        else:
+            held = " (val is held out from train)" if split == "val" else ""
+            notes.append(f"{empty}: split '{split}' not used{held}")
+    spec = _spec(root, "pairs", splits, notes, problems)
     return _finish(spec, cfg, None if cfg.classes else _camvid_metadata(root, splits), str(root))

@@ -13,6 +13,7 @@ from seglab.data.formats.common import (
     _register,
     _spec,
     color_palette,
+    read_text,
 )
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError
@@ -32,7 +33,7 @@ def _voc_metadata(root: Path) -> Metadata:
     names_file = root / "class_names.txt"
     if not names_file.is_file():
         return Metadata(classes=list(VOC_CLASSES), colors=color_palette(len(VOC_CLASSES)), mask_encoding="index")
-    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(names_file, "class names file").splitlines() if line.strip()]
     ignore_line = bool(names) and names[0] == "__ignore__"  # labelme: label -1, stored as 255 in the PNGs
     if ignore_line:
         names = names[1:]
@@ -64,7 +65,7 @@ def load_voc(root: Path, cfg: DataConfig) -> DatasetSpec:
             lists[split] = sets / f"{split}.txt"
     splits: dict[str, list[Sample]] = {}
     for split, path in lists.items():
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        ids = [line.split()[0] for line in read_text(path, "image set").splitlines() if line.strip()]
         if split == "test" and not any(i in masks for i in ids):
             notes.append(f"{path}: no SegmentationClass masks for these images; test split not used")
             continue
