@@ -420,7 +420,7 @@ def argmax_agreement(a: list, b: list) -> float:
     return float(np.mean(np.concatenate([(x.mask == y.mask).ravel() for x, y in zip(a, b, strict=True)])))
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", pytest.param("torch-export", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
 def test_fixed_shape_exports_predict_images_of_any_size(exports, fmt):
     rng = np.random.default_rng(1)
     images = [smooth_image(rng, *size) for size in ODD_SIZES]
