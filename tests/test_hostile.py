@@ -397,11 +397,6 @@ def test_a_diverged_epoch_never_becomes_best_pt(tiny_run, tmp_path, mode):
     assert not non_finite(model)
 
 
-def _unshare_available() -> bool:
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
 INSPECT = """
 import sys
 from pathlib import Path
