@@ -265,7 +265,7 @@ def rebuild_pruned(model: nn.Module, widths: Any, source: str | Path) -> nn.Modu
     for name, values in widths.items():
         module = modules.get(name) if isinstance(name, str) else None
         names = _width_fields(module) if module is not None else None
-        if names is None or not isinstance(values, list) or len(values) != len(names):
+        if module is None or names is None or not isinstance(values, list) or len(values) != len(names):
             arch = f"{getattr(model, 'arch', type(model).__name__)} ({getattr(model, 'encoder_name', '?')})"
             raise SeglabError(f"{source}: 'layers' names {short(name)}, which is not a layer of {arch}")
         built = [getattr(module, n) for n in names]
@@ -283,6 +283,7 @@ def _narrow(module: nn.Module, widths: dict[str, int]) -> None:
     """Give ``module`` new widths and uninitialised parameters and buffers of the matching shapes."""
     for key, value in widths.items():
         setattr(module, key, value)
+    shapes: dict[str, tuple[int, ...]]
     if isinstance(module, nn.BatchNorm2d):
         n = module.num_features
         shapes = {"weight": (n,), "bias": (n,), "running_mean": (n,), "running_var": (n,)}
@@ -511,7 +512,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": random.getstate(),
     }
 

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -134,7 +134,8 @@ class Trainer:
             resume_ckpt = load_checkpoint(cfg.resume, trust=cfg.trust_weights)
         if model is None and resume_ckpt is not None and ("layers" in resume_ckpt or "module" in resume_ckpt):
             # resuming the fine-tune of a pruned model: the recipe narrowed to the saved layer widths
-            model = build_from(card_from_dict(resume_ckpt["card"], cfg.resume or ""), resume_ckpt, cfg.resume or "")
+            card = card_from_dict(resume_ckpt["card"], cfg.resume or "")
+            model = cast(SegmentationModel, build_from(card, resume_ckpt, cfg.resume or ""))
         self.pruned = model is not None  # card.build() alone cannot rebuild it: save its layer widths too
         if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
