@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,28 @@ def test_inception_fid_uses_a_given_weights_file(camvid: Path, inception_file: P
     same = feature_distances(real, real, net)
     other = feature_distances(real, torch.full_like(real, 128), net)
     assert abs(same["fd"]) < 1e-2 and other["fd"] > same["fd"]
+
+
+class WritesAMarker:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code from the Inception weights ran"))
+
+
+def test_inception_weights_that_would_run_code_are_refused(tmp_path: Path, inception_file: Path):
+    """torch-fidelity loads the file with weights_only=False; seglab makes that load weights-only."""
+    from seglab.gen.evaluate import inception_network
+
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "inception.pth"
+    torch.save({**torch.load(inception_file, weights_only=True), "x": WritesAMarker(marker)}, crafted)
+    net, why_not = inception_network(str(crafted))
+    assert net is None and "hold pickled Python objects; they were not loaded" in why_not, why_not
+    assert not marker.exists()
+    assert inception_network(str(inception_file))[0] is not None  # the switch is off again afterwards
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_inception_weights_download_or_say_why_not(tmp_path: Path, monkeypatch):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seglab.deploy.archive import METADATA_KEY, NOT_SEGLAB, verified_archive
-from seglab.engine.checkpoint import MAX_SIDE, ModelCard, card_from_dict
+from seglab.engine.checkpoint import MAX_SIDE, ModelCard, card_from_dict, weights_only_loads
 from seglab.errors import SeglabError, short
 
 SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript", ".pt2": "torch-export"}
@@ -198,7 +198,8 @@ def _load_pytorch_export(archive: io.BytesIO, path: Path, fmt: str, device: torc
             warnings.simplefilter("ignore", FutureWarning)
             if fmt == "torchscript":
                 return torch.jit.load(archive, map_location=device)
-            return torch.export.load(archive).module().to(device)
+            with weights_only_loads():  # the archive was checked to hold no pickles; this makes sure
+                return torch.export.load(archive).module().to(device)
     except Exception as e:  # a checked archive torch still cannot read: another torch version, damage
         first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
         raise SeglabError(f"cannot load {path} with torch {torch.__version__} ({first}); re-export it") from None

@@ -428,6 +428,23 @@ def read_resumable(
 
 
 @contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside this, every ``torch.load`` is weights-only whatever its caller asks: for loaders
+    seglab does not own that ask for ``weights_only=False`` (``torch.export.load`` for a .pt2's
+    pickled weights, torch-fidelity for FID's Inception weights). torch reads the variable at each call."""
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def training_state(path: str | Path | None) -> Iterator[None]:
     """Restore a run's training state inside this: a ``last.pt`` whose state is incomplete or of the
     wrong shapes (damaged, or crafted) is one SeglabError, not a KeyError traceback."""

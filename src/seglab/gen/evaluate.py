@@ -16,6 +16,7 @@ compare models at the same N. KID is unbiased and comes with its spread over sub
 
 from __future__ import annotations
 
+import pickle
 import socket
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seglab.data import get_split, resolve_dataset
+from seglab.engine.checkpoint import weights_only_loads
 from seglab.errors import SeglabError
 from seglab.gen.data import PairDataset
 from seglab.gen.sample import Generator
@@ -83,24 +85,21 @@ def inception_network(weights_path: str | None = None) -> tuple[nn.Module | None
     cache, downloaded there on first use."""
     if weights_path and not Path(weights_path).is_file():
         return None, f"--inception-weights {weights_path} not found"
-    if weights_path:  # torch-fidelity unpickles it with weights_only=False: make sure it is plain data first
-        try:
-            torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).splitlines()[0][:60] if str(e) else type(e).__name__
-            return None, f"--inception-weights {weights_path} is not a plain weights file ({first}); it was not loaded"
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ModuleNotFoundError:
         return None, "torch-fidelity is not installed (pip install torch-fidelity)"
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
+    where = weights_path or "the internet"
     try:
-        net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-        )
+        with weights_only_loads():  # torch-fidelity asks torch.load for weights_only=False: a file is data only
+            net = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+            )
+    except pickle.UnpicklingError:
+        return None, f"FID's Inception weights from {where} hold pickled Python objects; they were not loaded"
     except Exception as e:  # offline: URLError or a timeout; behind a proxy page: a file that is not weights
-        where = weights_path or "the internet"
         return (
             None,
             f"FID's Inception weights could not be loaded from {where} ({type(e).__name__}); pass --inception-weights",
