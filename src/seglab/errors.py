@@ -8,6 +8,12 @@ name the file or flag at fault and say what to do about it.
 from typing import Any
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, cut to ``limit`` characters; its type's name when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 def short(value: Any) -> str:
     """A value from a file, shown in a message: its repr, cut to 40 characters (files can hold anything)."""
     text = repr(value)

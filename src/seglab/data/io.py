@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from seglab.data.spec import DatasetSpec, Sample
-from seglab.errors import BadSample, SeglabError
+from seglab.errors import BadSample, SeglabError, first_line
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -341,7 +341,7 @@ def _tiff_header(source: ImageSource) -> ImageHeader:
     except MemoryError:
         raise
     except Exception as e:  # tifffile raises many types for bad files
-        raise _unreadable(source, "corrupt", _first_line(e), "replace or remove the file") from None
+        raise _unreadable(source, "corrupt", first_line(e), "replace or remove the file") from None
 
 
 def _tiff_pixels(source: ImageSource) -> np.ndarray:
@@ -355,7 +355,7 @@ def _tiff_pixels(source: ImageSource) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as e:  # tifffile raises many types for bad files
-        raise _unreadable(source, "corrupt", _first_line(e), "replace or remove the file") from None
+        raise _unreadable(source, "corrupt", first_line(e), "replace or remove the file") from None
     if a is not None and a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # planar (C, H, W) -> (H, W, C)
     if a is None or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
@@ -375,12 +375,7 @@ def _tiff_pixels(source: ImageSource) -> np.ndarray:
 
 
 def _damage(error: Exception) -> str:
-    return "the file is truncated" if "truncated" in str(error).lower() else f"corrupt data ({_first_line(error)})"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    return "the file is truncated" if "truncated" in str(error).lower() else f"corrupt data ({first_line(error)})"
 
 
 # --------------------------------------------------------------------------- masks

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from seglab.errors import SeglabError, short
+from seglab.errors import SeglabError, first_line, short
 
 METADATA_KEY = "seglab"  # ONNX metadata_props key; "seglab.json" inside TorchScript / torch.export archives
 NOT_SEGLAB = "seglab loads only the files seglab export writes, and never runs code from a model file"
@@ -57,7 +57,7 @@ def verified_archive(path: Path, fmt: str) -> tuple[io.BytesIO, str | None, list
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({str(e).splitlines()[0][:80]})") from None
+        raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({first_line(e, 80)})") from None
     with archive:
         infos = archive.infolist()
         names = [i.filename for i in infos]
@@ -87,7 +87,7 @@ def verified_archive(path: Path, fmt: str) -> tuple[io.BytesIO, str | None, list
                     if data is not None:
                         out.writestr(root + name, data)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as e:  # bad CRC, encrypted, ...
-            raise SeglabError(f"cannot read {path}: the archive is damaged ({str(e).splitlines()[0][:80]})") from None
+            raise SeglabError(f"cannot read {path}: the archive is damaged ({first_line(e, 80)})") from None
         if fmt == "torch-export" and read.input_shape is None:
             raise refuse("holds no torch.export program (models/model.json)")
         if fmt == "torchscript" and "data.pkl" not in relative:

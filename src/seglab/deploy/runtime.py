@@ -39,7 +39,7 @@ from torch import nn
 
 from seglab.deploy.archive import METADATA_KEY, NOT_SEGLAB, verified_archive
 from seglab.engine.checkpoint import MAX_SIDE, ModelCard, card_from_dict, weights_only_loads
-from seglab.errors import SeglabError, short
+from seglab.errors import SeglabError, first_line, short
 
 SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript", ".pt2": "torch-export"}
 # A fixed input larger than this is no image size seglab exports (and its warm-up pass alone would
@@ -83,7 +83,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                     raise SeglabError(f"{path}: its {METADATA_KEY}.json is {info.file_size} bytes; {NOT_SEGLAB}")
                 text = archive.read(name).decode() if name else None
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({str(e).splitlines()[0][:80]})") from None
+        raise SeglabError(f"cannot read {path}: not a valid {fmt} file ({first_line(e, 80)})") from None
     except SeglabError:
         raise
     except Exception as e:  # onnx raises its own DecodeError for a damaged protobuf
@@ -98,7 +98,7 @@ def parse_metadata(text: str | None, path: Path, fmt: str | None) -> tuple[dict[
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as e:
-        detail = str(e).splitlines()[0][:60] if isinstance(e, ValueError) else "nested too deeply"
+        detail = first_line(e, 60) if isinstance(e, ValueError) else "nested too deeply"
         raise SeglabError(f"{path}: its seglab metadata is not valid JSON ({detail}); {NOT_SEGLAB}") from None
     if not isinstance(meta, dict):
         raise SeglabError(f"{path}: its seglab metadata is a {type(meta).__name__}, not a mapping; {NOT_SEGLAB}")
@@ -180,7 +180,7 @@ def _check_outputs(module: nn.Module, card: ModelCard, shape: list, path: Path) 
     except SeglabError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        first = first_line(e, 150)
         raise SeglabError(f"{path} does not run on a {size[0]}x{size[1]} image ({first}); {NOT_SEGLAB}") from None
     expected = (batch or 1, card.num_classes, *size)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
@@ -201,7 +201,7 @@ def _load_pytorch_export(archive: io.BytesIO, path: Path, fmt: str, device: torc
             with weights_only_loads():  # the archive was checked to hold no pickles; this makes sure
                 return torch.export.load(archive).module().to(device)
     except Exception as e:  # a checked archive torch still cannot read: another torch version, damage
-        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        first = first_line(e, 150)
         raise SeglabError(f"cannot load {path} with torch {torch.__version__} ({first}); re-export it") from None
 
 
@@ -285,7 +285,7 @@ def ort_session(path: str | Path, device: torch.device | None = None, threads: i
     try:
         return ort.InferenceSession(str(path), options, providers=ort_providers(device or torch.device("cpu")))
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented)
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise SeglabError(f"ONNX Runtime cannot run {path}: {first}") from None
 
 

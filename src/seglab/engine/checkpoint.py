@@ -97,8 +97,8 @@ class CardFields:
         unknown = sorted(str(k) for k in values if k not in names)
         missing = [k for k in required if k not in values]
         if unknown or missing:
-            parts = [f"unknown key(s) {', '.join(unknown)}"] * bool(unknown) + [f"missing {', '.join(missing)}"] * bool(
-                missing
+            parts = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + (
+                [f"missing {', '.join(missing)}"] if missing else []
             )
             raise SeglabError(f"{self.where} has {'; '.join(parts)}; this is not a file seglab wrote")
         self.values = values

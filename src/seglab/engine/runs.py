@@ -91,19 +91,18 @@ def restore_rows(ckpt: dict[str, Any], run_dir: Path, epochs_done: int) -> list[
     """The metrics rows of the epochs a checkpoint has done: its own copy, or (files from before
     checkpoints carried them) the rows of its run folder's metrics.csv that look like seglab's."""
     rows = ckpt.get("rows")
-    if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
-        return [r for r in rows if _epoch(r) is not None and _epoch(r) <= epochs_done]  # type: ignore[operator]
-    path = run_dir / "metrics.csv"
-    try:
-        with path.open(newline="") as f:
-            found = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-    return [r for r in found if _epoch(r) is not None and _epoch(r) <= epochs_done]  # type: ignore[operator]
+    if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
+        try:
+            with (run_dir / "metrics.csv").open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            rows = []
+    return [r for r in rows if 0 < _epoch(r) <= epochs_done]
 
 
-def _epoch(row: dict[str, Any]) -> int | None:
+def _epoch(row: dict[str, Any]) -> int:
+    """The row's epoch (from 1), or 0 for a row that has none."""
     try:
         return int(row.get("epoch"))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return None
+        return 0

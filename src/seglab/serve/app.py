@@ -144,7 +144,7 @@ def create_app(model: SegModel, settings: ServeSettings) -> FastAPI:
             del body
             future = submit(batcher, image, settings)
             del image
-            prediction = await wait(future, time.monotonic() + settings.timeout, settings)
+            prediction = await wait(future, settings)
             headers = {"X-Inference-Ms": f"{prediction.inference_ms:.1f}", "X-Batch-Size": str(prediction.batch_size)}
             if as_json:
                 content = await run_in_threadpool(json_answer, prediction, model)
@@ -311,10 +311,10 @@ def submit(batcher: Batcher, image: np.ndarray, settings: ServeSettings) -> Futu
         raise worker_stopped() from None
 
 
-async def wait(future: Future[Prediction], deadline: float, settings: ServeSettings) -> Prediction:
-    """The image's mask, once the worker has it, until ``deadline`` (time.monotonic)."""
+async def wait(future: Future[Prediction], settings: ServeSettings) -> Prediction:
+    """The image's mask, once the worker has it, for at most ``--timeout`` seconds."""
     try:  # on timeout wait_for cancels the future, so the worker skips the image if it has not begun it
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(deadline - time.monotonic(), 0))
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout)
     except TimeoutError:
         raise RequestError(504, f"no result within {settings.timeout:g} s (the server's --timeout)") from None
     except WorkerStopped:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from seglab.api import SegModel
+from seglab.errors import first_line
 
 log = logging.getLogger("seglab.serve")
 
@@ -285,5 +286,5 @@ _malloc_trim = _libc_malloc_trim()
 
 def one_line(error: BaseException) -> str:
     """``Type: first line of the message`` (at most 200 characters), for one-line log entries."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    name = type(error).__name__
+    return f"{name}: {first_line(error)}" if str(error).strip() else name
