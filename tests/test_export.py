@@ -145,9 +145,11 @@ def test_fixed_size_onnx_letterboxes_other_sizes_and_batches(make_checkpoint, tm
     path = export(weights, format="onnx", out=tmp_path / "m.onnx", log=lambda m: None).path  # 1x3x48x64 only
     model, reference = seglab.load(path), seglab.load(weights)
     image = np.random.default_rng(0).integers(0, 256, (30, 64, 3), dtype=np.uint8)  # padded to 48x64 inside
-    assert (model.predict(image).mask == reference.predict(image).mask).all()  # both pad it to 64x64 in the end
-    batch = [np.zeros((48, 64, 3), np.uint8)] * 3  # a fixed batch of 1 is fed one image at a time
-    assert len(model.predict(batch, batch=3)) == 3
+    # both pad it to 64x64 in the end; ONNX Runtime and torch may break a near-tie differently
+    assert (model.predict(image).mask == reference.predict(image).mask).mean() > 0.999
+    batch = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(3)]
+    one_at_a_time = [model.predict(x).mask for x in batch]  # a fixed batch of 1 is fed one image at a time
+    assert all((r.mask == m).all() for r, m in zip(model.predict(batch, batch=3), one_at_a_time, strict=True))
 
 
 def test_export_and_load_errors_are_one_line(make_checkpoint, tmp_path):

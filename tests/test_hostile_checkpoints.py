@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import pathlib
+import re
+import shutil
 import socket
 import zipfile
 from pathlib import Path
@@ -93,15 +95,15 @@ def test_every_command_refuses_a_checkpoint_that_runs_code(run, tmp_path, marker
     evil = poisoned(run / "runs/train/exp/weights/best.pt", tmp_path / "downloads" / "best.pt", marker)
     code = main([str(a) for a in COMMANDS[command](evil, run, tmp_path / "out")])
     refused(code, capsys, marker, evil)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*")), "nothing is written"
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*")), "nothing is written"
 
 
 def test_resume_refuses_a_checkpoint_that_runs_code(run, tmp_path, marker, capsys, monkeypatch):
+    """--resume does not fall back to a good last.prev.pt either: the file is not damaged, it is refused."""
     monkeypatch.chdir(tmp_path)
-    """--resume does not fall back to last.prev.pt either: the file is not damaged, it is refused."""
     weights = tmp_path / "runs/train/exp/weights"
     evil = poisoned(run / "runs/train/exp/weights/last.pt", weights / "last.pt", marker)
-    poisoned(run / "runs/train/exp/weights/last.pt", weights / "last.prev.pt", marker)
+    shutil.copy(run / "runs/train/exp/weights/last.pt", weights / "last.prev.pt")  # a fallback would train on
     refused(main(["train", "--resume", str(evil)]), capsys, marker, evil)
     refused(main(["gen", "train", "--resume", str(evil)]), capsys, marker, evil)
 
@@ -150,8 +152,8 @@ CLAIMS = {
     "card with an extra key": (lambda c: c["card"].update(extra=1), "unknown key(s) extra"),
     "card that is a list": (lambda c: c.update(card=[1, 2]), "no model card"),
     "card without classes": (lambda c: c["card"].pop("classes"), "missing classes"),
-    "colours past 255": (lambda c: c["card"].update(colors=[[0, 0, 300]] * 3), "colors="),
-    "std of zero": (lambda c: c["card"].update(std=[0.0, 0.0, 0.0]), "std="),
+    "colours past 255": (lambda c: c["card"].update(colors=[[0, 0, 300]] * 3), "from 0 to 255"),
+    "std of zero": (lambda c: c["card"].update(std=[0.0, 0.0, 0.0]), "positive number(s)"),
     "img_size 200000": (lambda c: c["card"].update(img_size=200000), "img_size=200000"),
     "model: None": (lambda c: c.update(model=None), "'model' entry is not a mapping"),
     "weights of another shape": (
@@ -172,7 +174,7 @@ def test_what_a_checkpoint_claims_is_checked(run, tmp_path, capsys, monkeypatch,
     monkeypatch.chdir(tmp_path)
     change, fragment = CLAIMS[case]
     path = rewritten(run, tmp_path, change)
-    with pytest.raises(SeglabError, match=None) as e:
+    with pytest.raises(SeglabError) as e:
         seglab.load(path)
     assert fragment in str(e.value) and "\n" not in str(e.value)
     assert main(["val", "--weights", str(path), "--out", str(tmp_path / "val")]) == 2
@@ -196,11 +198,12 @@ def test_archives_torch_save_never_writes_are_refused_before_reading(run, tmp_pa
     buffer = io.BytesIO()
     torch.save(torch.load(source, weights_only=True), buffer, _use_new_zipfile_serialization=False)
     legacy.write_bytes(buffer.getvalue())
-    with pytest.raises(SeglabError, match=f"cannot read checkpoint {legacy}"):
+    with pytest.raises(SeglabError, match=re.escape(f"cannot read checkpoint {legacy}")):
         load_checkpoint(legacy)
 
 
-def test_a_checkpoint_that_is_an_image_or_empty_is_one_line(run, tmp_path, capsys):
+def test_a_checkpoint_that_is_an_image_or_empty_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for name, content in [("empty.pt", b""), ("image.pt", None), ("text.pt", b"not a checkpoint")]:
         path = tmp_path / name
         if content is None:

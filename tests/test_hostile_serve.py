@@ -490,20 +490,6 @@ def test_allowed_hosts_adds_names(tuned):
     assert_refused(request_as(tuned, "GET", "/model", {"Host": "other.example"}), 421, "seg.example")
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--memory-budget-mb", "5"], "--memory-budget-mb 5: use at least 20 (twice --max-upload-mb"),
-        (["--body-timeout", "0"], "--body-timeout 0: use a number of seconds above 0"),
-        (["--allowed-hosts", "a b"], "--allowed-hosts a b: list host names or host:port"),
-    ],
-)
-def test_new_flags_refuse_bad_values_in_one_line(weights, capsys, flags, message):
-    assert seglab_main(["serve", "--weights", str(weights), *flags]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"seglab: error: serve: {message}" in err, err
-
-
 def test_the_json_answer_is_the_mask_for_every_run_length():
     """run_lengths_text works a slice at a time: runs that cross slices must join, none be lost."""
     from seglab.serve.codec import mask_json, run_lengths_text

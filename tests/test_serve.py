@@ -439,12 +439,15 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path):
         (["--timeout", "0"], "--timeout 0"),
         (["--max-upload-mb", "-1"], "--max-upload-mb -1"),
         (["--host", "no.such.host.invalid"], "--host no.such.host.invalid"),
+        (["--memory-budget-mb", "5"], "--memory-budget-mb 5: use at least 20 (twice --max-upload-mb"),
+        (["--body-timeout", "0"], "--body-timeout 0: use a number of seconds above 0"),
+        (["--allowed-hosts", "a b"], "--allowed-hosts a b: list host names or host:port"),
     ],
 )
 def test_bad_values_are_refused_before_loading(weights, capsys, flags, fragment):
     assert seglab_main(["serve", "--weights", str(weights), *flags]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("seglab: error: serve: ") and fragment in err
+    assert err.count("\n") == 1 and f"seglab: error: serve: {fragment}" in err, err
 
 
 def test_missing_weights_and_a_busy_port_are_one_line(weights, capsys):
