@@ -5,6 +5,13 @@ masks alike, at each image's own size, crowd regions marked ``iscrowd`` so they 
 the predictions are turned into COCO results (boxes as x, y, w, h; masks as RLE at 0.5), and
 ``COCOeval`` does the matching. Metrics are fractions 0..1, like mIoU elsewhere in seglab;
 ``None`` where COCO has no answer (no objects of that size or class).
+
+COCOeval is fed what it scores, as COCO-style evaluators bound it (torchvision's references,
+detectron2): per image the ``MAX_DETS`` (COCO's maxDets, 100) highest-scoring detections of those
+scoring at least ``MIN_SCORE``, their masks pasted over their boxes only and encoded in one
+pycocotools call per image. A barely trained Mask R-CNN returns its full 100 low-score objects per
+image; torchvision pasting each into a float canvas the image's size took a quarter of
+``seglab val`` (benchmarks/detector_val.py).
 """
 
 from __future__ import annotations
@@ -19,18 +26,27 @@ import torch
 from torchvision.models.detection import FasterRCNN
 
 from seglab.instance.data import InstanceDataset, Instances, collate_instances
+from seglab.instance.models import DETECTIONS_PER_IMAGE
+from seglab.instance.predictor import Detections, detect
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = {"bbox": "box", "segm": "mask"}  # pycocotools' name -> ours
+MAX_DETS = DETECTIONS_PER_IMAGE  # COCO's maxDets: COCOeval never scores more per image
+MIN_SCORE = 0.05  # torchvision's box_score_thresh and detectron2's test threshold: the model's own floor
 
 
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    """(H, W) 0/1 -> COCO compressed RLE with a str ``counts`` (JSON-friendly)."""
+def rle_encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """(N, H, W) 0/1 masks -> COCO compressed RLEs with str ``counts`` (JSON-friendly), in one
+    pycocotools call (it reads (H, W, N) in Fortran order: ``paste_masks``'s layout, so no copy)."""
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode()
-    return rle
+    if not len(masks):
+        return []
+    binary = masks.view(np.uint8) if masks.dtype == bool else masks.astype(np.uint8, copy=False)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode()
+    return rles
 
 
 @dataclass
@@ -46,6 +62,7 @@ class CocoAccumulator:
     def add_ground_truth(self, image_id: int, size: tuple[int, int], inst: Instances) -> None:
         h, w = size
         self.images.append({"id": image_id, "height": h, "width": w})
+        rles = rle_encode(inst.masks) if self.masks else None
         for i in range(len(inst)):
             x1, y1, x2, y2 = (float(v) for v in inst.boxes[i])
             ann = {
@@ -56,13 +73,13 @@ class CocoAccumulator:
                 "area": float(inst.area[i]),
                 "iscrowd": int(inst.crowd[i]),
             }
-            if self.masks:
-                ann["segmentation"] = _rle(inst.masks[i])
+            if rles is not None:
+                ann["segmentation"] = rles[i]
             self.annotations.append(ann)
 
-    def add_prediction(self, image_id: int, prediction: dict[str, torch.Tensor]) -> None:
-        """One detector output (boxes x1y1x2y2, labels, scores, masks [N,1,H,W] probabilities)."""
-        self.results += to_coco_results(image_id, prediction, masks=self.masks)
+    def add_prediction(self, image_id: int, detections: Detections) -> None:
+        """One image's objects (``predictor.detect`` bounds them to what COCOeval scores)."""
+        self.results += to_coco_results(image_id, detections, masks=self.masks)
 
     def compute(self) -> dict[str, Any]:
         """{"box": {...}, "mask": {...}} with AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l and per_class AP."""
@@ -89,8 +106,11 @@ class CocoAccumulator:
                 zero = 0.0 if scored else None
                 out[ours] = {**dict.fromkeys(STAT_NAMES, zero), "per_class": self._per_class(None, scored)}
                 continue
+            # loadRes edits its input. Without the box, a mask result's area is its mask's, as COCO's
+            # small/medium/large want: with it, pycocotools takes the box's area (detectron2 drops it too)
+            drop = "bbox" if iou_type == "segm" else None
             with contextlib.redirect_stdout(io.StringIO()):
-                dt = gt.loadRes([dict(r) for r in self.results])  # loadRes edits its input
+                dt = gt.loadRes([{k: v for k, v in r.items() if k != drop} for r in self.results])
                 ev = COCOeval(gt, dt, iou_type)
                 ev.evaluate()
                 ev.accumulate()
@@ -143,8 +163,9 @@ def evaluate_detector(
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_instances)
     results: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
-        outputs = model([im.to(device).float().div_(255) for im in images])
-        for image, target, output in zip(images, targets, outputs, strict=True):
+        xs = [im.to(device).float().div_(255) for im in images]
+        found = detect(model, xs, dataset.spec.classes, min_score=MIN_SCORE, max_dets=MAX_DETS)
+        for image, target, detections in zip(images, targets, found, strict=True):
             index = target["image_id"]
             inst = Instances(
                 masks=target["masks"].numpy(),
@@ -154,30 +175,26 @@ def evaluate_detector(
                 area=target["area"].numpy(),
             )
             acc.add_ground_truth(index, tuple(image.shape[-2:]), inst)
-            entries = to_coco_results(index, output, masks=has_masks)
+            entries = to_coco_results(index, detections, masks=has_masks)
             acc.results += entries
             coco_id = dataset.samples[index].coco_id
             results += [{**e, "image_id": coco_id if coco_id is not None else index} for e in entries]
     return DetectionEval(acc.compute(), results)
 
 
-def to_coco_results(image_id: int, prediction: dict[str, torch.Tensor], *, masks: bool = True) -> list[dict[str, Any]]:
-    """A detector's output for one image -> COCO results entries (what ``--save-json`` writes)."""
-    boxes = prediction["boxes"].float().cpu().numpy()
-    scores = prediction["scores"].float().cpu().numpy()
-    labels = prediction["labels"].cpu().numpy()
-    binary = (prediction["masks"][:, 0] > 0.5).cpu().numpy() if masks and "masks" in prediction else None
+def to_coco_results(image_id: int, detections: Detections, *, masks: bool = True) -> list[dict[str, Any]]:
+    """One image's objects -> COCO results entries (bbox x, y, w, h; segmentation RLE)."""
+    rles = rle_encode(detections.masks) if masks and detections.masks is not None else None
     entries = []
-    for i in range(len(scores)):
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+    for i, (x1, y1, x2, y2) in enumerate(detections.boxes.tolist()):
         entry: dict[str, Any] = {
             "image_id": image_id,
-            "category_id": int(labels[i]),
+            "category_id": int(detections.labels[i]),
             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "score": round(float(scores[i]), 5),
+            "score": round(float(detections.scores[i]), 5),
         }
-        if binary is not None:
-            entry["segmentation"] = _rle(binary[i])
+        if rles is not None:
+            entry["segmentation"] = rles[i]
         entries.append(entry)
     return entries
 

@@ -18,12 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.inference import amp_dtype, resolve_device
 from seglab.errors import SeglabError
+from seglab.instance.models import DETECTIONS_PER_IMAGE
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Detections:
     boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2 in the image's pixels
     labels: np.ndarray  # (N,) int64 class indices (1..K)
     scores: np.ndarray  # (N,) float32 0..1
-    masks: np.ndarray | None  # (N, H, W) bool (Mask R-CNN), None for a box detector
+    masks: np.ndarray | None  # (N, H, W) bool (Mask R-CNN), None for a box detector; see paste_masks
     names: list[str]  # (N,) class names
 
     def __len__(self) -> int:
@@ -87,9 +90,10 @@ class InstanceResult:
 
     def to_json(self) -> list[dict[str, Any]]:
         """One dict per object: class, label, score, box [x1, y1, x2, y2], mask as COCO RLE."""
-        from seglab.instance.evaluate import _rle
+        from seglab.instance.evaluate import rle_encode
 
         inst = self.instances
+        rles = rle_encode(inst.masks) if inst.masks is not None else None
         out = []
         for i in range(len(inst)):
             entry: dict[str, Any] = {
@@ -98,23 +102,16 @@ class InstanceResult:
                 "score": round(float(inst.scores[i]), 5),
                 "box": [round(float(v), 2) for v in inst.boxes[i]],
             }
-            if inst.masks is not None:
-                entry["mask"] = _rle(inst.masks[i])
+            if rles is not None:
+                entry["mask"] = rles[i]
             out.append(entry)
         return out
 
     def to_coco(self, image_id: int) -> list[dict[str, Any]]:
         """The objects as COCO results entries (bbox x, y, w, h; segmentation RLE) for ``image_id``."""
-        entries = []
-        for obj in self.to_json():
-            x1, y1, x2, y2 = obj["box"]
-            box = [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]
-            entry = {"image_id": image_id, "category_id": obj["label"], "bbox": box}
-            entry["score"] = obj["score"]
-            if "mask" in obj:
-                entry["segmentation"] = obj["mask"]
-            entries.append(entry)
-        return entries
+        from seglab.instance.evaluate import to_coco_results
+
+        return to_coco_results(image_id, self.instances)
 
     def save(self, out_dir: str | Path, *, name: str | None = None, alpha: float = 0.5) -> Path:
         """overlays/<name>.png (the plot), labels/<name>.json and, for masks, masks/<name>.png (instance ids)."""
@@ -193,20 +190,10 @@ class DetectorModel:
         if pending:
             yield from self._predict_batch(pending, conf)
 
-    @torch.no_grad()
     def _predict_batch(self, items: list[tuple[np.ndarray, Path | None]], conf: float) -> Iterator[InstanceResult]:
         xs = [torch.tensor(im[..., :3]).permute(2, 0, 1).to(self.device).float() / 255 for im, _ in items]
-        for (image, path), out in zip(items, self.model(xs), strict=True):
-            keep = out["scores"] >= conf
-            labels = out["labels"][keep].cpu().numpy()
-            masks = out["masks"][keep][:, 0].cpu().numpy() > 0.5 if "masks" in out else None
-            detections = Detections(
-                boxes=out["boxes"][keep].float().cpu().numpy(),
-                labels=labels,
-                scores=out["scores"][keep].float().cpu().numpy(),
-                masks=masks,
-                names=[self.card.classes[k] for k in labels],
-            )
+        found = detect(self.model, xs, self.card.classes, min_score=conf)
+        for (image, path), detections in zip(items, found, strict=True):
             yield InstanceResult(image, detections, self.card.classes, self.card.colors, path)
 
     def evaluate(
@@ -244,3 +231,79 @@ class DetectorModel:
             progress=progress,
             desc=f"val {split}",
         )
+
+
+@torch.no_grad()
+def detect(
+    model: Any,
+    images: list[torch.Tensor],
+    classes: list[str],
+    *,
+    min_score: float,
+    max_dets: int = DETECTIONS_PER_IMAGE,
+) -> list[Detections]:
+    """The objects ``model`` finds in each image (float [3, H, W], 0..1): the at most ``max_dets``
+    highest-scoring of those scoring at least ``min_score``, with their masks at the image's size.
+
+    ``model`` is a torchvision detector in eval mode, or anything with its eval-mode contract (an
+    exported graph: masks already at the image's size). A torchvision Mask R-CNN's masks are pasted
+    here, for the kept objects only and over their boxes only (``paste_masks``), instead of
+    torchvision's float image-sized canvas for every object it returns."""
+    unpasted = isinstance(model, GeneralizedRCNN)
+    outputs = _forward_unpasted(model, images) if unpasted else model(images)
+    found = []
+    for image, out in zip(images, outputs, strict=True):
+        keep = top_scoring(out["scores"], min_score, max_dets)
+        boxes = out["boxes"][keep].float().cpu()
+        labels = out["labels"][keep].cpu().numpy()
+        masks = None
+        if "masks" in out:
+            kept = out["masks"][keep].float().cpu()
+            size = (image.shape[-2], image.shape[-1])
+            masks = paste_masks(kept, boxes, size) if unpasted else (kept[:, 0] > 0.5).numpy()
+        scores = out["scores"][keep].float().cpu().numpy()
+        found.append(Detections(boxes.numpy(), labels, scores, masks, [classes[k] for k in labels]))
+    return found
+
+
+def top_scoring(scores: torch.Tensor, min_score: float, max_dets: int) -> torch.Tensor:
+    """Indices of the at most ``max_dets`` highest ``scores`` that reach ``min_score``, best first."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[scores[order] >= min_score][:max_dets]
+
+
+def _forward_unpasted(model: GeneralizedRCNN, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """torchvision's eval-mode ``GeneralizedRCNN.forward`` without the mask pasting of its last step:
+    boxes in the image's pixels, masks still the mask head's [N, 1, 28, 28] probabilities."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    outputs, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    for out, resized, image in zip(outputs, batch.image_sizes, images, strict=True):
+        out["boxes"] = resize_boxes(out["boxes"], resized, image.shape[-2:])
+    return outputs
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Mask R-CNN's [N, 1, M, M] probabilities in boxes [N, 4] (image pixels) -> (N, H, W) bool at 0.5.
+
+    The same pixels as torchvision's ``paste_masks_in_image`` then ``> 0.5`` (its padding, box
+    expansion, integer box and bilinear resize), but each mask is resized and thresholded over its
+    box only, not written into a float (H, W) canvas of its own. The array is laid out so that
+    ``masks.transpose(1, 2, 0)`` is (H, W, N) in Fortran order, what pycocotools encodes without a copy."""
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    h, w = size
+    padded, scale = expand_masks(masks, padding=1)
+    out = np.zeros((len(masks), w, h), dtype=bool)  # each object transposed: column-major
+    for i, (x0, y0, x1, y1) in enumerate(expand_boxes(boxes, scale).to(torch.int64).tolist()):
+        box_h, box_w = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
+        resized = F.interpolate(padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False)
+        top, left, bottom, right = max(y0, 0), max(x0, 0), min(y1 + 1, h), min(x1 + 1, w)
+        # thresholded by numpy: a torch op this small costs more in waiting for its second thread
+        # than it computes when the machine is busy (8x slower at load 3 on 2 cores)
+        crop = resized[0, 0].numpy()[top - y0 : bottom - y0, left - x0 : right - x0] > 0.5
+        out[i, left:right, top:bottom] = crop.T
+    return out.transpose(0, 2, 1)
