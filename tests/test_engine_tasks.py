@@ -135,3 +135,34 @@ def test_nonfinite_skip_drops_the_step_for_every_task(tmp_path, data, task):
     assert steps == [3 - 1] * len(steps)  # 6 images, batch 2: three steps, one skipped
     for model in trainer.models.values():
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_every_task_result_speaks_the_same_protocol(tmp_path):
+    """A semantic and a detector result: the same members, a JSON dict, atomic files, a one-line repr."""
+    import json
+
+    import numpy as np
+
+    from seglab.engine.predictor import Result, SegResult
+    from seglab.instance.predictor import Detections, InstanceResult
+
+    image = np.full((20, 30, 3), 90, dtype=np.uint8)
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[5:15, 10:20] = 1
+    classes, colors = ["background", "window"], [(0, 0, 0), (200, 30, 30)]
+    found = Detections(
+        boxes=np.array([[10, 5, 20, 15]], dtype=np.float32),
+        labels=np.array([1]),
+        scores=np.array([0.9], dtype=np.float32),
+        masks=mask[None].astype(bool),
+        names=["window"],
+    )
+    results = [SegResult(image, mask, classes, colors), InstanceResult(image, found, classes, colors)]
+    for result, task in zip(results, ["semantic", "instance"], strict=True):
+        assert isinstance(result, Result) and result.task == task
+        assert isinstance(json.loads(json.dumps(result.to_json())), dict)
+        assert result.plot().shape == (20, 30, 3)
+        written = result.save(tmp_path / task, name="a")
+        assert written and all(path.is_file() for path in written.values())
+        assert not list((tmp_path / task).rglob(".*tmp*"))  # nothing half-written left beside them
+        assert "\n" not in repr(result) and "window" in repr(result), repr(result)

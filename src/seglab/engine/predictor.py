@@ -4,10 +4,10 @@ the predictors share: reading sources, naming outputs, saving files atomically."
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,11 +24,14 @@ class Result:
     image, ``to_json()`` is a dict that ``json.dumps`` takes, ``save(out_dir)`` writes each of its
     files whole or not at all, and its repr says what was found in one line."""
 
-    task: ClassVar[str] = ""
     image: np.ndarray
     path: Path | None
     classes: list[str]
     colors: list[tuple[int, int, int]]
+
+    @property
+    def task(self) -> str:
+        raise NotImplementedError
 
     @property
     def stem(self) -> str:
@@ -57,13 +60,16 @@ class Result:
 class SegResult(Result):
     """A semantic model's prediction. ``mask`` is (H, W) class indices at the image's own size."""
 
-    task: ClassVar[str] = "semantic"
     image: np.ndarray  # (H, W, C) uint8, as read
     mask: np.ndarray  # (H, W) uint8 class indices (uint16 for models of more than 256 classes)
     classes: list[str]
     colors: list[tuple[int, int, int]]
     confidence: np.ndarray | None = None  # (H, W) float32, probability of the chosen class
     path: Path | None = None
+
+    @property
+    def task(self) -> str:
+        return "semantic"
 
     def overlay(self, alpha: float = 0.5) -> np.ndarray:
         """The image with class colours blended in, (H, W, 3) uint8."""
@@ -152,3 +158,27 @@ def expand_source(source) -> tuple[list, bool]:
     if isinstance(source, str | Path):
         return [*list_sources(source)], not Path(source).is_dir()
     return list(source), False
+
+
+def read_batches(
+    sources: Sequence[str | Path | np.ndarray], batch: int, channels: int
+) -> Iterator[list[tuple[np.ndarray, Path | None]]]:
+    """The images of ``sources`` (paths or (H, W[, C]) uint8 arrays), ``batch`` at a time, as
+    (H, W, ``channels``) arrays with their paths: what every predictor's loop reads, so at most one
+    batch of decoded images is held."""
+    from seglab.data.io import read_image
+
+    pending: list[tuple[np.ndarray, Path | None]] = []
+    for item in sources:
+        if isinstance(item, np.ndarray):
+            image = item if item.ndim == 3 else item[..., None]
+            if image.shape[-1] == 1 and channels > 1:  # a greyscale array for an RGB model
+                image = image.repeat(channels, -1)
+            pending.append((image, None))
+        else:
+            pending.append((read_image(item, channels), Path(item)))
+        if len(pending) == batch:
+            yield pending
+            pending = []
+    if pending:
+        yield pending

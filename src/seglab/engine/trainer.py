@@ -116,6 +116,12 @@ class Task:
             pin_memory=torch.cuda.is_available(),
         )
 
+    def set_epoch(self, epoch: int, start: int) -> None:
+        """Put the training data at batch ``start`` of ``epoch``: the order depends only on (seed, epoch),
+        and so does each sample's augmentation."""
+        self.train_loader.sampler.set_epoch(epoch, start)
+        self.train_loader.dataset.set_epoch(self.cfg.seed * 100_003 + epoch)
+
     def check(self) -> None:
         """Refuse a config this task cannot train, before any data is read."""
 
@@ -371,8 +377,7 @@ class Trainer:
             model.train()
         loader = self.task.train_loader
         start = self.start_batch if epoch == self.start_epoch else 0  # > 0 only when resuming mid-epoch
-        loader.sampler.set_epoch(epoch, start)  # the order depends only on (seed, epoch)
-        loader.dataset.set_epoch(cfg.seed * 100_003 + epoch)  # so does each sample's augmentation
+        self.task.set_epoch(epoch, start)
         sums, count = self.partial if start else ({}, 0)
         sums = dict(sums)
         bar = epoch_bar(loader, epoch, cfg.epochs, start, self.progress)

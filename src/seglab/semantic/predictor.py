@@ -20,7 +20,7 @@ from seglab.data.io import MAX_PIXELS
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import Inferencer, resized_labels, resolve_device
-from seglab.engine.predictor import SegResult, expand_source
+from seglab.engine.predictor import SegResult, expand_source, read_batches
 from seglab.errors import SeglabError
 
 TTA_SCALES = (0.75, 1.0, 1.25)
@@ -108,23 +108,15 @@ class SegModel:
     ) -> Iterator[SegResult]:
         """Results one at a time, in order; images are read only ``batch`` at a time."""
         from seglab.data import EvalTransform
-        from seglab.data.io import read_image
 
         if batch < 1:
             raise SeglabError(f"predict: --batch {batch}: use 1 or more")
         check_img_size(img_size, slide)
         inferencer = self.inferencer(tta=tta, slide=slide)
         resize = EvalTransform(self.card.img_size if img_size is None else img_size)
-        pending: list[tuple[np.ndarray, Path | None]] = []
-        for i, item in enumerate(sources):
-            if isinstance(item, np.ndarray):
-                pending.append((item if item.ndim == 3 else item[..., None], None))
-            else:
-                pending.append((read_image(item, self.card.in_channels), Path(item)))
-            if len(pending) == batch or i == len(sources) - 1:
-                with out_of_memory(pending, slide):
-                    yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
-                pending = []
+        for pending in read_batches(sources, batch, self.card.in_channels):
+            with out_of_memory(pending, slide):
+                yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
 
     def _predict_batch(
         self, items, inferencer: Inferencer, resize, slide: bool, confidence: bool
