@@ -1,1 +1,1 @@
-"""`seglab serve`: a FastAPI application around a SegModel."""
+"""`seglab serve`: a FastAPI application around a SegModel or a detector."""

@@ -1,9 +1,10 @@
 """The FastAPI application of `seglab serve`: /predict, /health, /model and the page at /.
 
-``create_app(model, settings)`` builds it around any :class:`seglab.api.SegModel`, so tests can
-run it in-process as well as behind uvicorn. Forms are parsed and images decoded on the thread
-pool, never on the event loop, and queued for the one worker thread that owns the model
-(:mod:`seglab.serve.batcher`). What requests in flight hold is bounded by the memory budget.
+``create_app(model, settings)`` builds it around a :class:`seglab.api.SegModel` or a detector
+(what differs is in :mod:`seglab.serve.tasks`), so tests can run it in-process as well as behind
+uvicorn. Forms are parsed and images decoded on the thread pool, never on the event loop, and
+queued for the one worker thread that owns the model (:mod:`seglab.serve.batcher`). What requests
+in flight hold is bounded by the memory budget.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from seglab.api import SegModel
 from seglab.data.io import ImageHeader
 from seglab.serve.batcher import (
     Batcher,
@@ -38,7 +38,8 @@ from seglab.serve.batcher import (
     WorkerStopped,
     one_line,
 )
-from seglab.serve.codec import RequestError, decode_upload, image_bytes, mask_json, mask_png, probe_upload
+from seglab.serve.codec import RequestError, decode_upload, image_bytes, probe_upload
+from seglab.serve.tasks import DetectorTask, SemanticTask
 
 log = logging.getLogger("seglab.serve")
 
@@ -46,7 +47,8 @@ log = logging.getLogger("seglab.serve")
 PAGE_POLICY = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:"
 
 # What one image may cost at its peak, per pixel, from its header to its answer: PIL's buffer,
-# the array and the conversions of decode_image, then the mask and the PNG or JSON answer.
+# the array and the conversions of decode_image, then the mask and the PNG or JSON answer
+# (a Mask R-CNN's object masks come on top: tasks.BYTES_PER_OBJECT_PIXEL).
 # Measured peaks: 8-bit images 14 bytes a pixel (43 when a greyscale model takes a colour
 # image: luma in float64); 16-bit, 32-bit and float ones (scaled to 8 bits in float64) 40;
 # TIFFs only tifffile reads about 33 per stored value (102 for float RGB); a JSON answer 11.
@@ -82,11 +84,12 @@ class ServeSettings:
         return int(self.memory_budget_mb * 1024 * 1024)
 
 
-def create_app(model: SegModel, settings: ServeSettings) -> FastAPI:
+def create_app(model: Any, settings: ServeSettings) -> FastAPI:
     """The application; its worker thread starts and stops with the app's lifespan."""
     batcher = Batcher(
         model, max_batch=settings.max_batch, batch_wait_s=settings.batch_wait_ms / 1000, queue_size=settings.queue_size
     )
+    task = batcher.task
     budget = MemoryBudget(settings.memory_budget_bytes)
 
     @asynccontextmanager
@@ -132,24 +135,30 @@ def create_app(model: SegModel, settings: ServeSettings) -> FastAPI:
         return describe(model)
 
     @app.post("/predict")
-    async def predict(request: Request, response_format: str | None = Query(None, alias="format")) -> Response:
-        """An image in (multipart field ``file`` or the raw body), its mask out as PNG or JSON."""
+    async def predict(
+        request: Request,
+        response_format: str | None = Query(None, alias="format"),
+        conf: str | None = Query(None),
+    ) -> Response:
+        """An image in (multipart field ``file`` or the raw body); out, as PNG or JSON, its mask
+        (semantic) or the objects scoring at least ``conf`` (a detector)."""
         as_json = wants_json(response_format, request.headers.get("accept", ""))
+        threshold = task.conf(conf)
         hold = budget.hold()
         future: Future[Prediction] | None = None
         try:
             body = await read_body(request, settings, hold)
-            image = await run_in_threadpool(admit, body, request.headers.get("content-type"), hold, model, settings)
+            image = await run_in_threadpool(admit, body, request.headers.get("content-type"), hold, task, settings)
             hold.give(UPLOAD_COPIES * len(body))  # the upload is decoded: only the image counts from here on
             del body
-            future = submit(batcher, image, settings)
+            future = submit(batcher, image, threshold, settings)
             del image
             prediction = await wait(future, settings)
             headers = {"X-Inference-Ms": f"{prediction.inference_ms:.1f}", "X-Batch-Size": str(prediction.batch_size)}
             if as_json:
-                content = await run_in_threadpool(json_answer, prediction, model)
+                content = await run_in_threadpool(json_answer, prediction, task, threshold)
                 return Response(content, media_type="application/json", headers=headers)
-            png = await run_in_threadpool(mask_png, prediction.mask, model.card.colors)
+            png = await run_in_threadpool(task.png, prediction.output)
             return Response(png, media_type="image/png", headers=headers)
         except RequestError:
             raise
@@ -162,10 +171,12 @@ def create_app(model: SegModel, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def describe(model: SegModel) -> dict[str, Any]:
-    """What a client needs to show and check results: classes, colours and preprocessing."""
+def describe(model: Any) -> dict[str, Any]:
+    """What a client needs to show and check results: the task (semantic, instance or detect),
+    classes, colours and preprocessing."""
     card = model.card
     return {
+        "task": card.task,
         "arch": card.arch,
         "encoder": card.encoder,
         "backend": model.backend,
@@ -264,25 +275,29 @@ def busy(settings: ServeSettings, what: str, close: bool = False) -> RequestErro
     return RequestError(503, message, {"Retry-After": "1", **({"Connection": "close"} if close else {})})
 
 
-def admit(body: bytes, content_type: str | None, hold: Hold, model: SegModel, settings: ServeSettings) -> np.ndarray:
+def admit(
+    body: bytes, content_type: str | None, hold: Hold, task: SemanticTask | DetectorTask, settings: ServeSettings
+) -> np.ndarray:
     """On the thread pool: the form parsed, the image's header read, its memory taken from the
     budget (or 503/413 before a pixel is decoded), then the image decoded."""
     data = image_bytes(body, content_type)
     header = probe_upload(data, settings.max_side)
     form_copy = len(data) if data is not body else 0  # a form's image part is a copy of that part of the body
-    cost = image_cost(header, model.card.in_channels) + form_copy
+    channels = task.model.card.in_channels
+    objects = header.width * header.height * task.object_bytes_per_pixel()
+    cost = image_cost(header, channels) + objects + form_copy
     if cost + hold.nbytes > hold.budget.total:
         need = (cost + hold.nbytes) / 2**20
         raise RequestError(
             413,
-            f"the image is {header.width}x{header.height} ({header.mode}): decoding it takes about {need:.0f} MB, "
+            f"the image is {header.width}x{header.height} ({header.mode}): answering it takes about {need:.0f} MB, "
             f"more than the server's --memory-budget-mb of {settings.memory_budget_mb:g}; send a smaller image",
         )
     try:
         hold.take(cost)
     except Busy:
         raise busy(settings, "images in flight fill") from None
-    return decode_upload(data, model.card.in_channels, settings.max_side)
+    return decode_upload(data, channels, settings.max_side)
 
 
 def image_cost(header: ImageHeader, channels: int) -> int:
@@ -300,9 +315,9 @@ def image_cost(header: ImageHeader, channels: int) -> int:
 # --------------------------------------------------------------------------- inference
 
 
-def submit(batcher: Batcher, image: np.ndarray, settings: ServeSettings) -> Future[Prediction]:
+def submit(batcher: Batcher, image: np.ndarray, conf: float | None, settings: ServeSettings) -> Future[Prediction]:
     try:
-        return batcher.submit(image)
+        return batcher.submit(image, conf)
     except QueueFull:
         raise RequestError(
             503, f"the server is busy ({settings.queue_size} requests waiting); retry shortly", {"Retry-After": "1"}
@@ -312,7 +327,7 @@ def submit(batcher: Batcher, image: np.ndarray, settings: ServeSettings) -> Futu
 
 
 async def wait(future: Future[Prediction], settings: ServeSettings) -> Prediction:
-    """The image's mask, once the worker has it, for at most ``--timeout`` seconds."""
+    """The image's answer, once the worker has it, for at most ``--timeout`` seconds."""
     try:  # on timeout wait_for cancels the future, so the worker skips the image if it has not begun it
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout)
     except TimeoutError:
@@ -337,9 +352,9 @@ def release(hold: Hold, future: Future[Prediction] | None) -> None:
         future.add_done_callback(lambda _: hold.close())
 
 
-def json_answer(prediction: Prediction, model: SegModel) -> bytes:
+def json_answer(prediction: Prediction, task: SemanticTask | DetectorTask, conf: float | None) -> bytes:
     extra = {"inference_ms": round(prediction.inference_ms, 2), "batch_size": prediction.batch_size}
-    return mask_json(prediction.mask, model.card.classes, model.card.colors, **extra)
+    return task.json(prediction.output, **extra, **({} if conf is None else {"conf": conf}))
 
 
 # --------------------------------------------------------------------------- Host and Origin

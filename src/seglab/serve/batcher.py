@@ -2,7 +2,9 @@
 
 Requests put an image on the queue and wait on a future. The worker takes the first waiting
 image, then up to ``max_batch - 1`` more that arrive within ``batch_wait_s``, and runs images of
-the same size through one forward pass (same input size means same preprocessed tensor size).
+the same size (and, for a detector, the same ``conf``) through one forward pass (same input size
+means same preprocessed tensor size). How it runs the model is the model's task's
+(:mod:`seglab.serve.tasks`): a semantic model's masks, or a detector's objects.
 A full queue is refused at once rather than letting latency grow without bound, and so is a
 request that the :class:`MemoryBudget` has no room for: waiting costs a refused request nothing.
 """
@@ -21,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from seglab.api import SegModel
 from seglab.errors import first_line
+from seglab.serve.tasks import serve_task
 
 log = logging.getLogger("seglab.serve")
 
@@ -37,16 +39,22 @@ class WorkerStopped(Exception):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer: its (H, W) class-index mask and the forward pass it shared."""
+    """One image's answer, as its task keeps it, and the forward pass it shared."""
 
-    mask: np.ndarray  # uint8, or uint16 for a model of more than 256 classes
+    output: Any  # a semantic model's (H, W) class-index mask, or a detector's InstanceResult
     inference_ms: float  # wall time of the forward pass (and resizing) of the whole group
     batch_size: int  # images in that forward pass
+
+    @property
+    def mask(self) -> np.ndarray:
+        """A semantic model's mask: uint8, or uint16 for a model of more than 256 classes."""
+        return self.output
 
 
 @dataclass
 class _Job:
     image: np.ndarray | None  # (H, W, C) uint8; dropped as soon as the job is done or cancelled
+    conf: float | None = None  # a detector's lowest score kept; None for a semantic model
     future: Future[Prediction] = field(default_factory=Future)
 
     def __post_init__(self) -> None:
@@ -71,20 +79,21 @@ class BatchStats:
 _STOP = None  # the queue item that tells the worker to finish
 
 
-def warm_up(model: SegModel) -> None:
+def warm_up(model: Any) -> None:
     """One forward pass on a blank image of the size a fixed-shape export takes: a model that
     cannot run fails here, before the server takes requests, and the first user does not wait
     for the backend's setup."""
     card = model.card
     h, w = card.crop_size or (card.img_size, card.img_size)
-    list(model.iter_predict([np.zeros((h, w, card.in_channels), np.uint8)]))
+    serve_task(model).predict([np.zeros((h, w, card.in_channels), np.uint8)], None)
 
 
 class Batcher:
-    """The bounded queue and the single worker thread that runs ``model`` on what it holds."""
+    """The bounded queue and the single worker thread that runs ``model`` (a SegModel or a
+    detector, see :func:`seglab.serve.tasks.serve_task`) on what it holds."""
 
-    def __init__(self, model: SegModel, *, max_batch: int, batch_wait_s: float, queue_size: int) -> None:
-        self.model = model
+    def __init__(self, model: Any, *, max_batch: int, batch_wait_s: float, queue_size: int) -> None:
+        self.task = serve_task(model)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.stats = BatchStats()
         self.failure: str | None = None  # why the worker died, once it has
@@ -114,12 +123,12 @@ class Batcher:
             if job is not None:
                 job.future.cancel()
 
-    def submit(self, image: np.ndarray) -> Future[Prediction]:
-        """Queue one (H, W, C) uint8 image; raises QueueFull instead of waiting for room, and
-        WorkerStopped once the worker has died."""
+    def submit(self, image: np.ndarray, conf: float | None = None) -> Future[Prediction]:
+        """Queue one (H, W, C) uint8 image (with a detector's ``conf``); raises QueueFull instead
+        of waiting for room, and WorkerStopped once the worker has died."""
         if self.failure is not None:
             raise WorkerStopped(self.failure)
-        job = _Job(image)
+        job = _Job(image, conf)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -168,10 +177,10 @@ class Batcher:
         return jobs, False
 
     def _run(self, jobs: list[_Job]) -> None:
-        """One forward pass per image size; every future gets its mask or the exception."""
-        groups: dict[tuple[int, ...], list[_Job]] = defaultdict(list)
+        """One forward pass per image size and conf; every future gets its answer or the exception."""
+        groups: dict[tuple[tuple[int, ...], float | None], list[_Job]] = defaultdict(list)
         for job in jobs:
-            groups[() if job.image is None else job.image.shape].append(job)
+            groups[() if job.image is None else job.image.shape, job.conf].append(job)
         try:
             for group in groups.values():
                 self._run_group(group)
@@ -185,17 +194,18 @@ class Batcher:
         images = [job.image for job in group if job.image is not None]  # all of them: running jobs keep theirs
         start = time.perf_counter()
         try:
-            masks = [result.mask for result in self.model.iter_predict(images, batch=len(images))]
+            outputs = self.task.predict(images, group[0].conf)
         except Exception as e:  # the worker must outlive a failing batch; its requests get a 500
             for job in group:
                 job.future.set_exception(e)
             return
         finally:
-            del images  # the masks are all that is kept; the futures' callbacks drop the jobs' images
+            del images  # the outputs are what is kept (a detector's hold their image, to draw on); the futures'
+            # callbacks drop the jobs' images
         elapsed_ms = 1000 * (time.perf_counter() - start)
         self.stats.record(len(group))
-        for job, mask in zip(group, masks, strict=True):
-            job.future.set_result(Prediction(mask, elapsed_ms, len(group)))
+        for job, output in zip(group, outputs, strict=True):
+            job.future.set_result(Prediction(output, elapsed_ms, len(group)))
 
 
 # --------------------------------------------------------------------------- the memory budget

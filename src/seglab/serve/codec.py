@@ -1,4 +1,5 @@
-"""Bytes in and out of `seglab serve`: the uploaded image, and the mask as PNG or JSON.
+"""Bytes in and out of `seglab serve`: the uploaded image, and the answer (a semantic model's mask,
+or a detector's objects) as PNG or JSON.
 
 Everything here works on bytes in memory: no upload is ever written to disk and no path is
 taken from a request. A problem with the request becomes a :class:`RequestError` carrying the
@@ -10,13 +11,16 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from python_multipart.multipart import FormParser, parse_options_header
 
 from seglab.data.io import ImageHeader, UnreadableImage, decode_image, probe_image
+
+if TYPE_CHECKING:
+    from seglab.instance.predictor import InstanceResult
 
 FORM_FIELD = "file"
 FORM_PARTS = 8  # the page and `curl -F` send one; more is refused before the rest is parsed
@@ -134,6 +138,35 @@ def mask_png(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> bytes:
     else:
         palette_image(mask, colors).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image (a detector's drawn objects) as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def instances_json(result: InstanceResult, **extra: Any) -> bytes:
+    """A detector's JSON answer: the image size, each class's object count (``classes``, background
+    left out), the objects, then ``extra``.
+
+    ``instances`` is what `seglab predict` writes to labels/*.json (``InstanceResult.to_json``):
+    ``class``, ``label`` (the class index), ``score``, ``box`` [x1, y1, x2, y2] in the image's
+    pixels and, for Mask R-CNN, ``mask`` as COCO RLE (``pycocotools.mask.decode`` reads it)."""
+    counts = np.bincount(result.instances.labels, minlength=len(result.classes))
+    answer = {
+        "width": int(result.image.shape[1]),
+        "height": int(result.image.shape[0]),
+        "classes": [
+            {"index": i, "name": name, "color": list(color), "count": int(n)}
+            for i, (name, color, n) in enumerate(zip(result.classes, result.colors, counts, strict=False))
+            if i > 0
+        ],
+        "instances": result.to_json(),
+        **extra,
+    }
+    return json.dumps(answer).encode()
 
 
 def mask_json(mask: np.ndarray, classes: Sequence[str], colors: Sequence[Sequence[int]], **extra: Any) -> bytes:

@@ -10,16 +10,15 @@ import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from seglab.errors import SeglabError
 
-if TYPE_CHECKING:
-    from seglab.api import SegModel
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or ONNX export")
+    p.add_argument(
+        "--weights", required=True, metavar="FILE", help="a seglab checkpoint (semantic or detector) or ONNX export"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default: 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -90,10 +89,6 @@ def run(args: argparse.Namespace) -> int:
     from seglab.serve.app import ServeSettings, create_app
 
     model = seglab.load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
-    if getattr(model, "task", "semantic") != "semantic":
-        from seglab.engine.checkpoint import require_semantic
-
-        require_semantic(model.card, args.weights, "serve")
     _warm_up(model, args.weights)  # before taking requests: a model that cannot run ends the command here
     host, port = listener.getsockname()[:2]
     settings = ServeSettings(
@@ -164,7 +159,7 @@ def allowed_hosts(extra: list[str], bound: str, port: int) -> tuple[str, ...] | 
     return tuple(own + extra)
 
 
-def _warm_up(model: SegModel, weights: str) -> None:
+def _warm_up(model: Any, weights: str) -> None:
     """One forward pass, or one line saying the model cannot run (and the server never starts)."""
     from seglab.serve.batcher import one_line, warm_up
 
