@@ -200,10 +200,10 @@ def segmentation_scores(
     trust: bool = False,
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of ``segmenter`` on the generated images and on the real ones."""
-    from seglab.api import load
+    from seglab.api import SegModel, load
 
     model = load(segmenter, trust=trust)
-    if getattr(model, "task", "semantic") != "semantic" or list(model.classes) != list(classes):
+    if not isinstance(model, SegModel) or list(model.classes) != list(classes):
         raise SeglabError(
             f"--segmenter {segmenter}: it must be a semantic model of the same classes ({', '.join(classes)})"
         )
