@@ -166,3 +166,19 @@ def test_every_task_result_speaks_the_same_protocol(tmp_path):
         assert written and all(path.is_file() for path in written.values())
         assert not list((tmp_path / task).rglob(".*tmp*"))  # nothing half-written left beside them
         assert "\n" not in repr(result) and "window" in repr(result), repr(result)
+
+
+def test_resume_auto_starts_the_named_run_then_continues_it(tmp_path):
+    import seglab
+    from seglab.data.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "d", n_train=8, n_val=4, size=32, seed=1)
+    (tmp_path / "runs/auto").mkdir(parents=True)  # exists, holds no last.pt: started in place, not as auto2
+    common = dict(data=str(data), model="fcn", img_size=32, batch=4, workers=0, out=str(tmp_path / "runs"),
+                  name="auto", resume="auto", plots=False, progress=False)  # fmt: skip
+    first = seglab.train(epochs=1, log=lambda *a: None, **common)
+    assert first.run_dir == tmp_path / "runs/auto" and len(first.rows) == 1
+    messages: list[str] = []
+    second = seglab.train(epochs=2, log=messages.append, **common)
+    assert second.run_dir == first.run_dir and [r["epoch"] for r in second.rows] == [1, 2]
+    assert any("resume: continuing" in m and "from epoch 2/2" in m for m in messages), messages
