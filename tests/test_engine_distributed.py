@@ -159,3 +159,22 @@ def test_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     assert [r["train_loss"] for r in rows(last.parent.parent)] == [
         r["train_loss"] for r in rows(tmp_path / "runs/train/straight")
     ]
+
+
+def test_detector_val_on_two_ranks_scores_the_gathered_detections(tmp_path, facades):
+    """COCO AP under torchrun is computed on every rank's detections together: the same metrics and the
+    same detections as one process (a random-weight detector finds dozens of objects per image)."""
+    import json
+
+    from test_serve_detector import random_detector
+
+    weights = random_detector(tmp_path, "instance")
+    val = ["-m", "seglab", "val", "--weights", weights, "--data", facades, "--limit", "4", "--workers", "0"]
+    run([sys.executable, *val, "--out", "one"], tmp_path)
+    run([*RUN, "--standalone", "--nproc_per_node", "2", *val, "--out", "two"], tmp_path)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one == two and one["num_images"] == 4
+    found = [json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two")]
+    key = lambda r: (r["image_id"], -r["score"], r["bbox"])  # noqa: E731
+    assert len(found[0]) > 20 and sorted(found[0], key=key) == sorted(found[1], key=key)
+    print(f"detector val: box AP {one['box']['AP']}, AR100 {one['box']['AR100']}, {len(found[0])} detections")

@@ -367,6 +367,10 @@ def _val_detector(model, data: str, args: argparse.Namespace) -> int:
         data_cache=args.data_cache or model.config.get("data_cache"),
         **_holdout_of(model),
     )
+    from seglab.engine.distributed import current
+
+    if not current().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(format_ap_table(result.metrics))
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
     out.mkdir(parents=True, exist_ok=True)
