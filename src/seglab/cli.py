@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import signal
 import sys
 import threading
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from seglab.config import TrainConfig, field_help
@@ -112,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser("check", help="find every problem in a dataset", allow_abbrev=False)
     check.set_defaults(_parser=check)
     check.add_argument("path", help="dataset folder or data.yaml")
+    pack = data_sub.add_parser(
+        "pack", help="write a dataset as tar shards (WebDataset format) with a dataset.json", allow_abbrev=False
+    )
+    pack.set_defaults(_parser=pack)
+    pack.add_argument("--data", required=True, help="dataset folder, data.yaml or built-in name")
+    pack.add_argument("--out", required=True, help="new or empty folder for <split>-NNNNNN.tar and dataset.json")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard at most (default: 1000)")
+    pack.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard, about (default: 1 GiB)")
+    pack.add_argument("--limit", type=int, help="pack only the first N samples of each split")
+    pack.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
 
     p = command("demo", "train, evaluate and predict on a generated dataset (no download)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -315,7 +326,12 @@ def _val(args: argparse.Namespace) -> int:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
     if getattr(model, "task", "semantic") != "semantic":
         return _val_detector(model, data, args)
-    result = model.evaluate(
+    from seglab.data.shards import evaluate_shards, is_shard_source
+
+    evaluate: Callable[..., typing.Any] = (
+        functools.partial(evaluate_shards, model) if is_shard_source(data) else model.evaluate
+    )
+    result = evaluate(
         data,
         split=args.split,
         tta=args.tta,
@@ -436,13 +452,33 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "pack":
+        return _pack(args)
     if args.data_command != "check":
-        raise SeglabError("data: choose an action: seglab data check PATH")
+        raise SeglabError("data: choose an action: seglab data check PATH, or seglab data pack --data D --out F")
     from seglab.data.check import check_dataset
 
     report = check_dataset(args.path)
     print(report.format())
     return 0 if report.ok else 2  # what train would refuse: the same status as any user error
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from seglab.data.shards import INDEX, pack_dataset
+
+    spec = pack_dataset(
+        args.data,
+        args.out,
+        shard_size=args.shard_size,
+        max_bytes=args.max_bytes,
+        limit=args.limit,
+        data_cache=args.data_cache,
+    )
+    wrote = ", ".join(
+        f"{sum(s.count for s in v)} {split} samples in {len(v)} shard(s)" for split, v in spec.shards.items()
+    )
+    print(f"data pack: {wrote}; wrote {Path(args.out) / INDEX}; read them with --data {args.out}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -145,7 +145,14 @@ def resolve_dataset(
     ``isbi2012``) is downloaded on first use into ``cache_dir`` (default: the user's cache
     folder; ``progress`` shows the download bar) by :func:`seglab.data.builtin.resolve_builtin`.
     An existing folder of that name wins over the built-in one.
+
+    Shards (a URL, a ``.tar`` brace pattern, a folder with a seglab ``dataset.json``) give a
+    :class:`seglab.data.shards.ShardSpec`, whose samples are streamed (``shards.shard_loader``).
     """
+    from seglab.data import shards  # imports this module
+
+    if shards.is_shard_source(data):
+        return shards.resolve_shards(data)
     path = Path(data).expanduser()
     builtin = None
     if not path.exists() and isinstance(data, str) and data in BUILTIN_DATASETS:
@@ -210,6 +217,7 @@ def train_val_splits(
     without one scores nothing. ``labelled(sample)`` says whether a sample's mask has one; by default
     the masks are read until one does (normally the first). ``data check`` passes what it already read.
     """
+    _refuse_shards(spec, "training straight from shards is not wired into this trainer yet (it lists files)")
     train = get_split(spec, "train", val_fraction=val_fraction, seed=seed)
     val = get_split(spec, "val", val_fraction=val_fraction, seed=seed)
     if limit:
@@ -249,6 +257,7 @@ def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: 
     (the same seed always gives the same images) and ``train`` leaves those images out; the
     hold-out is noted in ``spec.notes``.
     """
+    _refuse_shards(spec, "a shard set is streamed, not listed as files (seglab.data.shards.shard_loader reads it)")
     split = SPLIT_ALIASES.get(name, name)
     has_val = "val" in spec.splits
     if split in spec.splits and (split != "train" or has_val):
@@ -275,6 +284,15 @@ def get_split(spec: DatasetSpec, name: str, *, val_fraction: float = 0.1, seed: 
     available = list(spec.splits) + ([] if has_val or "train" not in spec.splits else ["val (held out from train)"])
     listed = ", ".join(available) or "none (every sample was left out: see the problems listed)"
     raise SeglabError(f"{spec.root}: no split '{name}'{did_you_mean(name, list(spec.splits))}; available: {listed}")
+
+
+def _refuse_shards(spec: DatasetSpec, why: str) -> None:
+    from seglab.data.shards import ShardSpec
+
+    if isinstance(spec, ShardSpec):
+        raise SeglabError(
+            f"{spec.location}: {why}; use the folder the shards were packed from (`seglab val` reads both)"
+        )
 
 
 def split_names(spec: DatasetSpec) -> list[str]:
