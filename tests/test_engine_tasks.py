@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_faults import ONE_THREAD, start, wait_for
 
 RUNS = {"instance": "runs/train", "generate": "runs/gen"}

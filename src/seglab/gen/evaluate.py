@@ -211,7 +211,7 @@ def segmentation_scores(
     for name, images in (("generated", fake), ("real", real)):
         cm = ConfusionMatrix(len(classes), ignore_index)
         arrays = [im.permute(1, 2, 0).numpy() for im in images]
-        for result, target in zip(model.predict(arrays, batch=batch), labels, strict=True):
+        for result, target in zip(model.iter_predict(arrays, batch=batch), labels, strict=True):
             cm.update(torch.from_numpy(result.mask), target)
         scores[name] = cm.compute(classes)
     return scores

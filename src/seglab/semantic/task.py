@@ -18,8 +18,11 @@ from seglab.data import (
     EpochSampler,
     EvalTransform,
     SegmentationDataset,
+    ShardSpec,
     TrainTransform,
     build_loader,
+    build_train_data,
+    build_val_data,
     collate_pad,
     resolve_dataset,
     train_val_splits,
@@ -109,26 +112,22 @@ class SemanticTask(Task):
         self.pruned = model is not None  # card.build() alone cannot rebuild it: save its layer widths too
 
         # ---- data
-        progress = self.trainer.progress
-        spec = self.spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=progress)
-        train, val = train_val_splits(spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
-        crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
-        scale = (cfg.scale_range[0], cfg.scale_range[1])
-        train_tf = TrainTransform(cfg.img_size, crop, scale, cfg.hflip, cfg.jitter, spec.ignore_index)
-        common = dict(cache=cfg.cache, in_channels=cfg.in_channels, skip_bad=not cfg.strict_data)
-        self.train_set = SegmentationDataset(train, spec, train_tf, **common)  # type: ignore[arg-type]
-        self.val_set = SegmentationDataset(val, spec, EvalTransform(cfg.img_size), **common)  # type: ignore[arg-type]
+        self.train_set: Any
+        self.val_set: Any
+        spec = self.spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=self.trainer.progress)
         for note in spec.notes:
             self.log(f"data: {note}")
-        if cfg.cache:
-            self.train_set.preload()
-            self.val_set.preload()
-        self.train_loader = self.epoch_loader(self.train_set, partial(collate_pad, ignore_index=spec.ignore_index))
-        val_sampler = EpochSampler(len(val), batch=cfg.batch, shuffle=False, rank=self.dist.rank, world=self.dist.world)
-        self.val_loader = build_loader(
-            self.val_set, sampler=val_sampler, batch=cfg.batch, shuffle=False, workers=cfg.workers,
-            ignore_index=spec.ignore_index, seed=cfg.seed,
-        )  # fmt: skip
+        if isinstance(spec, ShardSpec):  # streamed: each rank and worker reads shards of its own
+            if cfg.class_weights not in (None, "none"):
+                raise SeglabError(
+                    f"--class-weights {cfg.class_weights}: not computed from shards yet; train without it"
+                )
+            rank, world = self.dist.rank, self.dist.world
+            self.train_set, self.train_loader = build_train_data(cfg, spec, rank, world)
+            self.val_set, self.val_loader = build_val_data(cfg, spec, rank, world)
+            train: list = []
+        else:
+            train = self._folder_data(spec)
         self.bad: list[str] = []  # unreadable training samples since the last report
         self.bad_seen: set[str] = set()  # those already named in the log
         self.bad_count = {"train": 0, "val": 0}
@@ -148,6 +147,7 @@ class SemanticTask(Task):
                 "fine-tune on the data it was trained on (--data)"
             )
         self.model = cast(SegmentationModel, model.to(self.device))
+        crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fp32_layers = self._float32_depthwise(crop, checkpoint)
@@ -173,6 +173,33 @@ class SemanticTask(Task):
             img_size=cfg.img_size,
             crop_size=list(crop),
         )
+
+    def _folder_data(self, spec) -> list:
+        """The train and val datasets and loaders of files on disk; the training samples."""
+        cfg = self.cfg
+        train, val = train_val_splits(spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
+        crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
+        scale = (cfg.scale_range[0], cfg.scale_range[1])
+        train_tf = TrainTransform(cfg.img_size, crop, scale, cfg.hflip, cfg.jitter, spec.ignore_index)
+        common = dict(cache=cfg.cache, in_channels=cfg.in_channels, skip_bad=not cfg.strict_data)
+        self.train_set = SegmentationDataset(train, spec, train_tf, **common)  # type: ignore[arg-type]
+        self.val_set = SegmentationDataset(val, spec, EvalTransform(cfg.img_size), **common)  # type: ignore[arg-type]
+        if cfg.cache:
+            self.train_set.preload()
+            self.val_set.preload()
+        self.train_loader = self.epoch_loader(self.train_set, partial(collate_pad, ignore_index=spec.ignore_index))
+        val_sampler = EpochSampler(len(val), batch=cfg.batch, shuffle=False, rank=self.dist.rank, world=self.dist.world)
+        self.val_loader = build_loader(
+            self.val_set, sampler=val_sampler, batch=cfg.batch, shuffle=False, workers=cfg.workers,
+            ignore_index=spec.ignore_index, seed=cfg.seed,
+        )  # fmt: skip
+        return train
+
+    def set_epoch(self, epoch: int, start: int) -> None:
+        if isinstance(self.spec, ShardSpec):  # the shards know where batch `start` of `epoch` is
+            self.train_set.set_epoch(epoch, start)
+        else:
+            super().set_epoch(epoch, start)
 
     def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
         return single_model(self.cfg, self.model, steps_per_epoch)
