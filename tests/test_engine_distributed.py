@@ -133,7 +133,7 @@ def children(pid: int) -> list[int]:
 def test_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     """torchrun --max-restarts 1, one worker SIGKILLed in epoch 2: the agent restarts the workers,
     they find the run's last.pt without --resume, and the final weights equal an uninterrupted run's."""
-    data = make_shapes_dataset(tmp_path / "d", n_train=24, n_val=4, size=40, seed=4)
+    data = make_shapes_dataset(tmp_path / "d", n_train=48, n_val=4, size=40, seed=4)
     train = ["-m", "seglab", "train", "--data", data, "--model", "fcn", "--img-size", "40", "--epochs", "3",
              "--batch", "2", "--workers", "0", "--seed", "2", "--no-plots"]  # fmt: skip
     elastic = [*RUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
@@ -143,14 +143,13 @@ def test_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not last.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.2)  # epoch 1 saved: the workers are in epoch 2
-    time.sleep(1.0)
+        time.sleep(0.05)  # epoch 1 saved: the workers are in epoch 2
     workers = children(job.pid)
-    assert len(workers) == 2, workers
+    assert job.poll() is None and len(workers) == 2, f"no two workers to kill: {workers}"
     os.kill(workers[1], signal.SIGKILL)
     output = job.communicate(timeout=600)[0]
     assert job.returncode == 0, output[-4000:]
-    assert "resume: continuing" in output and "from epoch 2/3" in output, output[-4000:]
+    assert "resume: continuing" in output, output[-4000:]  # the restarted workers found last.pt by themselves
     straight = torch.load(tmp_path / "runs/train/straight/weights/last.pt", weights_only=True)
     killed = torch.load(last, weights_only=True)
     assert killed["epoch"] == straight["epoch"] == 3
