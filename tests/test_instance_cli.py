@@ -138,7 +138,7 @@ def test_bad_flags_are_one_line(facade: Path, tmp_path: Path, capsys, flags: lis
     assert not any(tmp_path.iterdir()), "a rejected run writes nothing"
 
 
-@pytest.mark.parametrize("command", [["export", "--format", "onnx"], ["prune"], ["quantize"]])
+@pytest.mark.parametrize("command", [["prune"], ["quantize"]])  # export: tests/test_detector_export.py
 def test_semantic_only_commands_refuse_a_detector(instance_run: Path, tmp_path: Path, capsys, command: list[str]):
     weights = instance_run / "weights" / "best.pt"
     out = tmp_path / ("x.onnx" if command[0] != "prune" else "x")

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(command("train", "train a model"))
 
     p = command("val", "evaluate weights on a dataset split")
-    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or export")
     p.add_argument("--data", help="dataset (default: the one the weights were trained on)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp")
 
     p = command("predict", "predict masks for images")
-    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or export")
     p.add_argument("--source", required=True, help="an image, a folder of images")
     _add_inference_flags(p)
     p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("models", "list architectures and encoders")
 
     p = command("export", "export weights to ONNX, TorchScript or torch.export, with a parity check")
-    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint (semantic or detector)")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="onnx, torchscript or torch-export")
     p.add_argument("--out", metavar="FILE", help="the exported file (default: next to the weights)")
     p.add_argument("--dynamic", action="store_true", help="any batch size and image size (default: fixed)")
@@ -315,12 +315,27 @@ def _train(args: argparse.Namespace) -> int:
     return 128 + run.stopped if run.stopped else 0  # stopped by a signal: last.pt saved, not finished
 
 
+def _load(args: argparse.Namespace):
+    """--weights as seglab.load gives it; a detector's export as an ExportedDetector (ONNX Runtime or
+    TorchScript behind DetectorModel's predict and evaluate)."""
+    from seglab.api import load
+    from seglab.deploy.runtime import exported_format, weights_task
+
+    if exported_format(args.weights) and weights_task(args.weights) in ("instance", "detect"):
+        if args.amp:
+            raise SeglabError(f"--amp applies to checkpoints; {args.weights} runs in the precision it was exported in")
+        from seglab.instance.runtime import ExportedDetector
+
+        return ExportedDetector(args.weights, device=args.device)
+    return load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
+
+
 def _val(args: argparse.Namespace) -> int:
-    from seglab.api import load, write_metrics
+    from seglab.api import write_metrics
     from seglab.engine.runs import next_run_dir
     from seglab.metrics import format_table
 
-    model = load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
+    model = _load(args)
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
@@ -425,7 +440,6 @@ def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from seglab.api import load
     from seglab.engine.predictor import list_sources, output_names
     from seglab.engine.runs import next_run_dir
 
@@ -435,7 +449,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise SeglabError(f"predict: --batch {args.batch}: use 1 or more")
     sources = list_sources(args.source)  # fail on a bad source before anything is written
     names = output_names(sources)
-    model = load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
+    model = _load(args)
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     if getattr(model, "task", "semantic") != "semantic":
         return _predict_detector(model, sources, out, args)

@@ -35,6 +35,8 @@ ALLOWED_ARGUMENTS = {  # torch.export's Argument kinds with no code, symbols or 
 }  # fmt: skip
 # The aten ops that reach the file system: those with a file name argument among torch's op schemas.
 FILE_OPS = {"save", "from_file"}
+# torchvision's own ops that its detectors call (torch.ops.torchvision.*): tensor arithmetic, no files
+TORCHVISION_OPS = (["torchvision", "nms"], ["torchvision", "roi_align"])
 PT2_MEMBERS = {
     "archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
     "models/model.json", "data/weights/model_weights_config.json", "data/constants/model_constants_config.json",
@@ -236,22 +238,33 @@ def _check_torchscript_member(name: str, read: _ArchiveReader) -> bytes | None:
 
 def _check_torchscript_code(name: str, data: bytes, read: _ArchiveReader) -> None:
     """TorchScript source runs no Python, but it may call any registered op, and torch.jit.load
-    runs a module's ``__setstate__``: a traced seglab model has only ``forward`` methods calling
-    aten and prim ops, none of which touch a file."""
+    runs a module's ``__setstate__``: a traced seglab model's classes have only ``forward`` methods,
+    and all its code calls aten and prim ops (and a detector's torchvision nms and roi_align), none
+    of which touch a file. Module-level functions (what torchvision scripts inside a traced
+    detector: its mask pasting loop, batched NMS) run only when a forward calls them."""
     try:
         tree = ast.parse(data.decode(), filename=name)
     except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
         raise read.refuse(f"holds {name} that is not TorchScript source") from None
+    # functions a forward may call: module-level ones and classes' forward methods, nothing else
+    allowed = {id(f) for f in tree.body if isinstance(f, ast.FunctionDef)} | {
+        id(f)
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+        for f in c.body
+        if isinstance(f, ast.FunctionDef) and re.fullmatch(r"forward\d*", f.name)
+    }
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not re.fullmatch(r"forward\d*", node.name):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and id(node) not in allowed:
             why = "code that torch.jit.load or a call would run (traced models have only forward)"
             raise read.refuse(f"defines {node.name} in {name}, {why}")
         if isinstance(node, ast.Attribute):
             chain = _dotted(node)
             if chain[:2] == ["torch", "ops"]:
                 chain = chain[1:]
-            # tracing writes torch.<op> and ops.aten.<op> / ops.prim.<op>, nothing else
-            other_ops = chain[:1] == ["ops"] and len(chain) > 2 and chain[1] not in ("aten", "prim")
+            # tracing writes torch.<op> and ops.aten.<op> / ops.prim.<op> (ops.torchvision.<op> in a detector)
+            known = len(chain) > 2 and (chain[1] in ("aten", "prim") or chain[1:3] in TORCHVISION_OPS)
+            other_ops = chain[:1] == ["ops"] and len(chain) > 2 and not known
             torch_other = chain[:1] == ["torch"] and len(chain) > 2
             if other_ops or torch_other or (chain[:1] in (["ops"], ["torch"]) and chain[-1] in FILE_OPS):
                 raise read.refuse(f"calls {'.'.join(chain)} in {name}, which seglab's models never do")

@@ -24,20 +24,25 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from seglab.data.spec import Sample
 from seglab.deploy.runtime import METADATA_KEY, card_metadata, load_exported
-from seglab.engine.checkpoint import ModelCard, load_model, require_semantic
+from seglab.engine.checkpoint import ModelCard, load_model
 from seglab.engine.inference import normalize
 from seglab.engine.stopping import DeferredSignals
 from seglab.errors import SeglabError
 from seglab.files import atomic_path
+
+if TYPE_CHECKING:
+    from seglab.instance.export import DetectorParity
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript", "torch-export": ".pt2"}
 # Float32 exports must match eager PyTorch to rounding; float16 ones to float16's precision.
@@ -69,7 +74,7 @@ class ExportResult:
     format: str
     seconds: float
     size_mb: float
-    parity: Parity
+    parity: Parity | DetectorParity
 
 
 def export(
@@ -110,42 +115,29 @@ def export(
         raise SeglabError(f"export: --out {out}: a {format} file should end in {SUFFIX[format]}")
     with DeferredSignals() as signals:
         model, card, ckpt = load_model(weights, trust=trust)
-        require_semantic(card, weights, "export")
-        h, w = _input_size(card, img_size)
-        images, source = _parity_images(card, ckpt, data, check_images, (h, w))
-        example = normalize(images[:batch], card.mean, card.std)
-        if len(example) < batch:
-            example = example.repeat(-(-batch // len(example)), 1, 1, 1)[:batch]
+        if card.task == "semantic":
+            steps = _semantic_steps(
+                model, card, ckpt, weights, format, opset, data, check_images,
+                dynamic=dynamic, dynamic_batch=dynamic_batch, half=half, img_size=img_size, batch=batch,
+            )  # fmt: skip
+        else:
+            from seglab.instance.export import detector_steps
 
-        meta = card_metadata(
-            card,
-            exported_from=str(Path(weights).name),
-            format=format,
-            dynamic=dynamic,
-            dynamic_batch=dynamic_batch,
-            half=half,
-            input_shape=[
-                "batch" if dynamic or dynamic_batch else batch,
-                card.in_channels,
-                "height" if dynamic else h,
-                "width" if dynamic else w,
-            ],
-            input="float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
-            output="float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
-            metrics=ckpt.get("metrics"),
-            data=(ckpt.get("config") or {}).get("data"),
-            torch_version=torch.__version__,
-        )
+            flags = {"--dynamic-batch": dynamic_batch, "--half": half, "--img-size": img_size, "--batch": batch != 1}
+            given = [flag for flag, value in flags.items() if value]
+            if given:
+                raise SeglabError(
+                    f"export: {', '.join(given)} apply to semantic models; a {card.arch} export takes one image "
+                    "of any size (it resizes to img_size inside), in float32"
+                )
+            steps = detector_steps(model, card, ckpt, weights, format, opset, data, check_images)
         signals.check()
         start = time.perf_counter()
         with atomic_path(out) as tmp:
-            axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"} if dynamic_batch else {}
-            model_in, example_in = (model.half(), example.half()) if half else (model, example)
-            EXPORTERS[format](model_in, example_in, tmp, meta, axes, opset)
+            steps.write(tmp)
             seconds = time.perf_counter() - start
             signals.check()
-            model.float()
-            parity = check_parity(model, card, tmp, images, batch=None if axes else batch, half=half, source=source)
+            parity = steps.check(tmp)
             log(f"export: {parity.format()}")
             if not parity.passed:
                 raise SeglabError(
@@ -159,6 +151,79 @@ def export(
     return ExportResult(out, format, seconds, size_mb, parity)
 
 
+@dataclass
+class ExportSteps:
+    """What differs between exporting a semantic model and a detector: writing the file, checking it."""
+
+    write: Callable[[Path], None]
+    check: Callable[[Path], Parity | DetectorParity]
+
+
+def _semantic_steps(
+    model: nn.Module,
+    card: ModelCard,
+    ckpt: dict,
+    weights: str | Path,
+    format: str,
+    opset: int,
+    data: str | Path | None,
+    check_images: int,
+    *,
+    dynamic: bool,
+    dynamic_batch: bool,
+    half: bool,
+    img_size: Sequence[int] | None,
+    batch: int,
+) -> ExportSteps:
+    h, w = _input_size(card, img_size)
+    images, source = _parity_images(card, ckpt, data, check_images, (h, w))
+    example = normalize(images[:batch], card.mean, card.std)
+    if len(example) < batch:
+        example = example.repeat(-(-batch // len(example)), 1, 1, 1)[:batch]
+    meta = export_metadata(
+        card,
+        ckpt,
+        weights,
+        format,
+        dynamic=dynamic,
+        dynamic_batch=dynamic_batch,
+        half=half,
+        input_shape=[
+            "batch" if dynamic or dynamic_batch else batch,
+            card.in_channels,
+            "height" if dynamic else h,
+            "width" if dynamic else w,
+        ],
+        input="float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
+        output="float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
+    )
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"} if dynamic_batch else {}
+
+    def write(tmp: Path) -> None:
+        model_in, example_in = (model.half(), example.half()) if half else (model, example)
+        EXPORTERS[format](model_in, example_in, tmp, meta, axes, opset)
+
+    def check(tmp: Path) -> Parity:
+        model.float()
+        return check_parity(model, card, tmp, images, batch=None if axes else batch, half=half, source=source)
+
+    return ExportSteps(write, check)
+
+
+def export_metadata(card: ModelCard, ckpt: dict, weights: str | Path, format: str, **extra: Any) -> str:
+    """The metadata every export carries: the model card, the file it came from, the metrics and
+    data it was trained on, and ``extra`` (its input and output)."""
+    return card_metadata(
+        card,
+        exported_from=str(Path(weights).name),
+        format=format,
+        metrics=ckpt.get("metrics"),
+        data=(ckpt.get("config") or {}).get("data"),
+        torch_version=torch.__version__,
+        **extra,
+    )
+
+
 def _input_size(card: ModelCard, img_size: Sequence[int] | None) -> tuple[int, int]:
     """The export's input H, W: --img-size, else the training crop, else a square img_size."""
     if img_size:
@@ -168,27 +233,37 @@ def _input_size(card: ModelCard, img_size: Sequence[int] | None) -> tuple[int, i
     return (card.img_size, card.img_size)
 
 
-def _parity_images(
-    card: ModelCard, ckpt: dict, data: str | Path | None, count: int, size: tuple[int, int]
-) -> tuple[torch.Tensor, str]:
-    """``count`` uint8 images [N,C,H,W] at ``size``: the val split of --data (or of the data the
-    model was trained on), else random images, which still compare the two graphs but say less."""
-    import torch.nn.functional as F
-
-    from seglab.data import get_split, read_image, resolve_dataset
+def parity_samples(card: ModelCard, ckpt: dict, data: str | Path | None, count: int) -> tuple[list[Sample] | None, str]:
+    """(up to ``count`` samples of the val split of --data, or of the data the model was trained on,
+    or of its train split; None when there is no such data), and what to call them in the report."""
+    from seglab.data import get_split, resolve_dataset
 
     data = data or (ckpt.get("config") or {}).get("data")
     if data is None or not Path(data).exists():
+        return None, "random images (pass --data for real ones)"
+    spec = resolve_dataset(data, progress=False, task=card.task)
+    return get_split(spec, "val")[:count] or get_split(spec, "train")[:count], f"{Path(data).name} images"
+
+
+def _parity_images(
+    card: ModelCard, ckpt: dict, data: str | Path | None, count: int, size: tuple[int, int]
+) -> tuple[torch.Tensor, str]:
+    """``count`` uint8 images [N,C,H,W] at ``size``: real ones (``parity_samples``), else random
+    images, which still compare the two graphs but say less."""
+    import torch.nn.functional as F
+
+    from seglab.data import read_image
+
+    samples, source = parity_samples(card, ckpt, data, count)
+    if samples is None:
         generator = torch.Generator().manual_seed(0)
         noise = torch.randint(0, 256, (count, card.in_channels, *size), generator=generator, dtype=torch.uint8)
-        return noise, "random images (pass --data for real ones)"
-    spec = resolve_dataset(data, progress=False)
-    samples = get_split(spec, "val")[:count] or get_split(spec, "train")[:count]
+        return noise, source
     tensors = []
     for sample in samples:
         image = torch.from_numpy(read_image(sample.image, card.in_channels).copy()).permute(2, 0, 1)[None].float()
         tensors.append(F.interpolate(image, size=size, mode="bilinear", antialias=True).round().clamp(0, 255))
-    return torch.cat(tensors).to(torch.uint8), f"{Path(data).name} images"
+    return torch.cat(tensors).to(torch.uint8), source
 
 
 def check_parity(
@@ -224,6 +299,24 @@ def check_parity(
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: str, axes: dict, opset: int) -> None:
+    doc = "seglab segmentation model; metadata 'seglab' holds classes, colours and preprocessing"
+    names = (["images"], ["logits"])
+    onnx_export(model, example, path, meta, opset=opset, names=names, axes={"images": axes, "logits": axes}, doc=doc)
+
+
+def onnx_export(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    meta: str,
+    *,
+    opset: int,
+    names: tuple[list[str], list[str]],
+    axes: dict[str, dict[int, str]],
+    doc: str,
+) -> None:
+    """torch.onnx's TorchScript-based exporter (inputs and outputs named by ``names``, dynamic where
+    ``axes`` says), then the model card into ``metadata_props``, and onnx's checker."""
     import onnx
 
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
@@ -234,22 +327,27 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: str,
             str(path),
             dynamo=False,
             opset_version=opset,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": axes, "logits": axes} if axes else None,
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_axes={name: dims for name, dims in axes.items() if dims} or None,
             do_constant_folding=True,
         )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta
-    proto.doc_string = "seglab segmentation model; metadata 'seglab' holds classes, colours and preprocessing"
+    proto.doc_string = doc
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: str, axes: dict, _: int) -> None:
+    torchscript_export(model, example, path, meta)
+
+
+def torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, meta: str) -> None:
+    """torch.jit.trace, the model card as ``seglab.json`` in the archive."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings about shapes: the exported forward has no branches
+        warnings.simplefilter("ignore")  # TracerWarnings about shapes: the traced paths handle any size
         traced = torch.jit.trace(model, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": meta})
 

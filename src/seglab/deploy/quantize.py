@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from seglab.deploy.report import Measurement, format_report, measure, write_report
-from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata
+from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata, weights_task
 from seglab.engine.checkpoint import ModelCard, card_from_dict
 from seglab.engine.stopping import DeferredSignals
 from seglab.errors import SeglabError
 from seglab.files import remove_stale_temporaries, temporary
+from seglab.instance.models import TASK_DETECTORS
 
 if TYPE_CHECKING:
     import onnx
@@ -74,6 +75,13 @@ def quantize(
     weights = Path(weights)
     if not weights.is_file():
         raise SeglabError(f"quantize: weights file not found: {weights}")
+    task = weights_task(weights, trust=trust)
+    if task in ("instance", "detect"):
+        raise SeglabError(
+            f"quantize: {weights} is a {TASK_DETECTORS[task]} (--task {task}); int8 quantisation is built for semantic "
+            "models only (calibration on whole-image logits, scored by mIoU), and a detector's box decoding, NMS "
+            "and RoIAlign would have to stay float; use its float32 export: seglab export --format onnx"
+        )
     out = Path(out) if out else weights.with_name(f"{weights.stem}.int8.onnx")
     if out.suffix != ".onnx":
         raise SeglabError(f"quantize: --out {out}: the int8 model is an ONNX file; end the name in .onnx")

@@ -47,6 +47,8 @@ SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript", ".pt2": "torch-expor
 MAX_FIXED_PIXELS = 4096 * 4096
 MAX_BATCH = 256
 DYNAMIC_CHECK_SIZE = 64  # the warm-up image of a dynamic-size export: two strides of 32 per side
+DETECTOR_INPUT = [3, "height", "width"]  # a detector export's input: one RGB image, float 0..1
+DETECTOR_FORMATS = ("onnx", "torchscript")
 
 
 def exported_format(path: str | Path) -> str | None:
@@ -103,8 +105,6 @@ def parse_metadata(text: str | None, path: Path, fmt: str | None) -> tuple[dict[
     if not isinstance(meta, dict):
         raise SeglabError(f"{path}: its seglab metadata is a {type(meta).__name__}, not a mapping; {NOT_SEGLAB}")
     card = card_from_dict(meta.get("card"), path)
-    if card.task != "semantic":
-        raise SeglabError(f"{path}: its model card says task={card.task}; seglab exports semantic segmentation models")
 
     def bad(key: str, expected: str) -> SeglabError:
         return SeglabError(f"{path}: its seglab metadata says {key}={short(meta.get(key))}: expected {expected}")
@@ -115,18 +115,42 @@ def parse_metadata(text: str | None, path: Path, fmt: str | None) -> tuple[dict[
         if not isinstance(meta.setdefault(key, False), bool):
             raise bad(key, "true or false")
     shape = meta.get("input_shape")
-    if not (
+    if card.task != "semantic":  # a detector takes one float RGB image of any size (it resizes inside)
+        if fmt not in DETECTOR_FORMATS:
+            raise bad("format", f"onnx or torchscript for a {card.arch}")
+        if meta["half"]:
+            raise bad("half", f"false for a {card.arch} (detectors export in float32)")
+        if shape != DETECTOR_INPUT or card.in_channels != 3:
+            detector = f"{DETECTOR_INPUT} for a {card.arch} (task={card.task}, in_channels=3)"
+            raise bad("input_shape", f"{detector}; [batch, C, height, width] is a semantic model's")
+    elif not (
         isinstance(shape, list)
         and len(shape) == 4
         and all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 1) for d in shape)
         and shape[1] == card.in_channels
     ):
         raise bad("input_shape", f"[batch, {card.in_channels}, height, width] (in_channels={card.in_channels})")
-    check_fixed_shape(shape, path)
-    for key, kind in (("metrics", dict), ("data", str), ("exported_from", str), ("quantized", dict)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
+    else:
+        check_fixed_shape(shape, path)
+    # val_fraction, seed: a detector's training hold-out (of a dataset without a val split)
+    kinds = {"metrics": dict, "data": str, "exported_from": str, "quantized": dict, "val_fraction": float, "seed": int}
+    for key, kind in kinds.items():
+        if meta.get(key) is not None and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
             raise bad(key, f"a {kind.__name__} or nothing")
     return meta, card
+
+
+def weights_task(path: str | Path, *, trust: bool = False) -> str:
+    """The task (semantic, instance, detect, generate) that a checkpoint's or an export's model card
+    names, read without building or running anything (an export's card checked, a checkpoint's
+    left to ``load_model``)."""
+    from seglab.engine.checkpoint import load_checkpoint
+
+    if exported_format(path):
+        return read_metadata(path)["card"]["task"]
+    card = load_checkpoint(path, trust=trust).get("card")
+    task = card.get("task", "semantic") if isinstance(card, dict) else "semantic"
+    return task if isinstance(task, str) else "semantic"
 
 
 def check_fixed_shape(shape: Sequence[Any], path: Path) -> None:
@@ -154,16 +178,26 @@ def load_exported(path: str | Path, device: torch.device) -> tuple[nn.Module, Mo
     if fmt == "onnx":  # the session has parsed the file: take the metadata from it
         session = ort_session(path, device)
         meta, card = parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path, fmt)
+        _require_semantic_export(card, path)
         module = OrtModule(path, session, card, meta)
     else:
         archive, text, graph_shape = verified_archive(path, fmt)
         meta, card = parse_metadata(text, path, fmt)
+        _require_semantic_export(card, path)
         if graph_shape is not None and graph_shape != meta["input_shape"]:
             declared = meta["input_shape"]
             raise SeglabError(f"{path}: its metadata says input_shape={declared}, the graph takes {graph_shape}")
-        module = _TorchExport(_load_pytorch_export(archive, path, fmt, device), meta["half"], graph_shape)
+        module = _TorchExport(load_pytorch_export(archive, path, fmt, device), meta["half"], graph_shape)
     _check_outputs(module, card, meta["input_shape"], path)
     return module, card, meta
+
+
+def _require_semantic_export(card: ModelCard, path: Path) -> None:
+    if card.task != "semantic":
+        raise SeglabError(
+            f"{path} is an exported {card.arch} (--task {card.task}), not a semantic model; "
+            "seglab val / predict run it, and from Python seglab.instance.runtime.ExportedDetector"
+        )
 
 
 def _check_outputs(module: nn.Module, card: ModelCard, shape: list, path: Path) -> None:
@@ -191,7 +225,7 @@ def _check_outputs(module: nn.Module, card: ModelCard, shape: list, path: Path) 
         )
 
 
-def _load_pytorch_export(archive: io.BytesIO, path: Path, fmt: str, device: torch.device) -> nn.Module:
+def load_pytorch_export(archive: io.BytesIO, path: Path, fmt: str, device: torch.device) -> nn.Module:
     """torch's own loaders, on the verified copy of the archive."""
     try:
         with warnings.catch_warnings():  # TorchScript's deprecation notice, on every load
