@@ -17,7 +17,6 @@ from typing import Any
 from seglab.config import TrainConfig, load_train_config
 from seglab.engine.checkpoint import load_model
 from seglab.engine.evaluator import EvalResult
-from seglab.engine.inference import resolve_device
 from seglab.errors import SeglabError
 from seglab.files import atomic_path
 from seglab.semantic.predictor import SegModel
@@ -61,20 +60,17 @@ def load(weights: str | Path, *, device: str = "auto", amp: bool = False, trust:
     ONNX Runtime; ``.torchscript``; ``.pt2``), for prediction and evaluation.
 
     A semantic model comes back as a :class:`SegModel`; a Mask R-CNN / Faster R-CNN checkpoint
-    (``--task instance`` / ``detect``) as a :class:`seglab.instance.predictor.DetectorModel`.
+    (``--task instance`` / ``detect``) as a :class:`seglab.instance.predictor.DetectorModel` (its
+    export as an ``ExportedDetector``, the same interface): the task's predictor, whatever the file.
     Checkpoints are read as data only; ``trust=True`` also loads one that needs pickled Python
     objects (which can run code: only for files you made yourself, e.g. with an older seglab)."""
-    from seglab.deploy.runtime import exported_format, load_exported
+    from seglab.deploy.runtime import exported_format, weights_task
+    from seglab.tasks import get_task
 
     if exported_format(weights):
         if amp:
             raise SeglabError(f"--amp applies to checkpoints; {weights} runs in the precision it was exported in")
-        module, card, meta = load_exported(weights, resolve_device(device))
-        backend = {"onnx": "onnxruntime"}.get(meta["format"], meta["format"])
-        config = {"data": meta.get("data")}
-        return SegModel(module, card, device=device, metrics=meta.get("metrics"), config=config, backend=backend)
-    from seglab.tasks import get_task
-
+        return get_task(weights_task(weights)).exported(weights, device=device)
     model, card, ckpt = load_model(weights, trust=trust)
     predictor = get_task(card.task).predictor
     return predictor(model, card, device=device, amp=amp, metrics=ckpt.get("metrics"), config=ckpt.get("config"))

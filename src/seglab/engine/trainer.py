@@ -78,6 +78,11 @@ class Task:
         gives :class:`seglab.engine.predictor.Result` objects."""
         raise NotImplementedError
 
+    @classmethod
+    def exported(cls, path: Any, *, device: str = "auto") -> Any:
+        """The predictor of an export of this task's model (.onnx, .torchscript, .pt2)."""
+        raise SeglabError(f"{path}: seglab exports no models of this kind")
+
     def __init__(self, cfg: Any, trainer: Trainer) -> None:
         self.cfg, self.trainer = cfg, trainer
         self.models: dict[str, nn.Module] = {}

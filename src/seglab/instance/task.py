@@ -49,6 +49,12 @@ class InstanceTask(Task):
 
         return DetectorModel(model, card, **kwargs)
 
+    @classmethod
+    def exported(cls, path: Any, *, device: str = "auto") -> Any:
+        from seglab.instance.runtime import ExportedDetector
+
+        return ExportedDetector(path, device=device)
+
     def __init__(self, cfg, trainer) -> None:
         super().__init__(cfg, trainer)
         self.kind = "mask" if cfg.model == "maskrcnn" else "box"

@@ -100,6 +100,17 @@ class SemanticTask(Task):
 
         return SegModel(model, card, **kwargs)
 
+    @classmethod
+    def exported(cls, path: Any, *, device: str = "auto") -> Any:
+        from seglab.deploy.runtime import load_exported
+        from seglab.engine.inference import resolve_device
+        from seglab.semantic.predictor import SegModel
+
+        module, card, meta = load_exported(path, resolve_device(device))
+        backend = {"onnx": "onnxruntime"}.get(meta["format"], meta["format"])
+        config = {"data": meta.get("data")}
+        return SegModel(module, card, device=device, metrics=meta.get("metrics"), config=config, backend=backend)
+
     def check(self) -> None:
         check_names(self.cfg)
         check_sync_bn(self.cfg, self.device)
