@@ -4,7 +4,7 @@ the discriminator width the CamVid recipe uses, measured in one run (interleaved
     python benchmarks/gen_speed.py [--size 180 240] [--batch 4] [--rounds 3]
 
 One step = the discriminator's step on real and generated pairs, then the generator's (adversarial
-plus L1), exactly as ``GenTrainer.step`` runs it, on random label maps of CamVid's 11 classes.
+plus L1), exactly as ``GenTask.step`` and the training loop run it, on random label maps of CamVid's 11 classes.
 Rows: generator width 32 (the recipe), discriminator width 64 (pix2pix's) or 32 (the recipe).
 """
 
@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import time
+import types
 from pathlib import Path
 
 import torch
 from common import write_result
 
+from seglab.engine.distributed import DistInfo
 from seglab.gen.models import GenCard, build_discriminator, init_weights
-from seglab.gen.trainer import GenConfig, GenTrainer
+from seglab.gen.task import GenTask
+from seglab.gen.trainer import GenConfig
 
 ROWS = {
     "baseline: D width 64, float32": (64, False),
@@ -28,18 +31,26 @@ ROWS = {
 }
 
 
-class _Bench(GenTrainer):
-    """GenTrainer's networks, optimisers and step, without a dataset or a run folder."""
+class _Bench:
+    """GenTask's networks and step, and the loop's backward and optimiser steps, without a dataset
+    or a run folder."""
 
     def __init__(self, cfg: GenConfig, size: list[int]) -> None:
-        self.cfg, self.device = cfg, torch.device("cpu")
-        self.card = GenCard("pix2pix", size, num_classes=11, ignore_index=11, width=cfg.width)
-        self.generator, self.discriminator = self.card.build(), build_discriminator(self.card, width=cfg.disc_width)
-        init_weights(self.generator)
-        init_weights(self.discriminator)
-        betas = (cfg.beta1, 0.999)
-        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
-        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+        loop = types.SimpleNamespace(device=torch.device("cpu"), dist=DistInfo(), log=print, progress=False)
+        self.task = GenTask(cfg, loop)  # type: ignore[arg-type]
+        self.task.card = GenCard("pix2pix", size, num_classes=11, ignore_index=11, width=cfg.width)
+        generator, discriminator = self.task.card.build(), build_discriminator(self.task.card, width=cfg.disc_width)
+        init_weights(generator)
+        init_weights(discriminator)
+        self.task.models = {"generator": generator, "discriminator": discriminator}
+        self.parts = self.task.optimizers(steps_per_epoch=1)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        for part, loss, _ in self.task.step(batch, self.task.models):
+            optimizer = self.parts[part][0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def main() -> None:
@@ -50,11 +61,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per row and round (after one warm-up)")
     args = parser.parse_args()
 
-    from seglab.gen.models import one_hot
-
     g = torch.Generator().manual_seed(0)
-    labels = one_hot(torch.randint(0, 12, (args.batch, *args.size), generator=g), 11, 11)
-    real = torch.rand(args.batch, 3, *args.size, generator=g) * 2 - 1
+    batch = {
+        "labels": torch.randint(0, 12, (args.batch, *args.size), generator=g),
+        "image": torch.randint(0, 256, (args.batch, 3, *args.size), generator=g, dtype=torch.uint8),
+    }
     benches = {
         name: _Bench(GenConfig(data="-", width=32, disc_width=dw, amp=amp), args.size)
         for name, (dw, amp) in ROWS.items()
@@ -62,10 +73,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in ROWS}
     for _ in range(args.rounds):
         for name, bench in benches.items():
-            bench.step(real, labels, g)  # warm-up
+            bench.step(batch)  # warm-up
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                bench.step(real, labels, g)
+                bench.step(batch)
             times[name].append((time.perf_counter() - t0) / args.steps)
     base = min(times[next(iter(ROWS))])
     rows = []

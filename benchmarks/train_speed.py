@@ -49,6 +49,7 @@ from seglab.data.dataset import build_loader
 from seglab.engine.inference import normalize
 from seglab.engine.trainer import Trainer
 from seglab.models import build_model
+from seglab.semantic.task import SemanticTask
 
 ROOT = Path(__file__).resolve().parents[1]
 # the three models the issue names: LR-ASPP MobileNetV3-Large, U-Net ResNet-18, DeepLabV3+ MobileNetV3
@@ -160,10 +161,10 @@ def seglab_trainer(args, arch: str, encoder: str, init: dict, n_images: int, run
         plots=False,
         nonfinite="skip",
     )
-    trainer = Trainer(cfg, progress=False, log=lambda *a, **k: None)
-    trainer.model.load_state_dict(init)
-    clock, losses = StepClock(trainer.optimizer), []
-    trainer.loss_fn = _recording(trainer.loss_fn, losses)
+    trainer = Trainer(cfg, SemanticTask, progress=False, log=lambda *a, **k: None)
+    trainer.shipped.load_state_dict(init)
+    clock, losses = StepClock(trainer.parts["model"][0]), []
+    trainer.task.loss_fn = _recording(trainer.task.loss_fn, losses)
     trainer.train_epoch(0)
     return {"images_per_s": clock.images_per_s(args.warmup, BATCH), "loss": statistics.mean(losses[args.warmup :])}
 

@@ -167,7 +167,9 @@ def test_exported_detector_predicts_what_the_checkpoint_does(mask_onnx, images):
     weights, onnx_file = mask_onnx
     image = sorted(images.iterdir())[0]
     expected = seglab.load(weights, device="cpu").predict(image, conf=0.05)
-    got = ExportedDetector(onnx_file, device="cpu").predict(image, conf=0.05)
+    loaded = seglab.load(onnx_file, device="cpu")  # seglab.load asks the card's task for its export predictor
+    assert isinstance(loaded, ExportedDetector) and loaded.backend == "onnxruntime"
+    got = loaded.predict(image, conf=0.05)
     assert type(got) is type(expected) and got.classes == expected.classes and got.colors == expected.colors
     assert got.instances.names == expected.instances.names
     assert np.abs(got.instances.boxes - expected.instances.boxes).max() < 0.01

@@ -78,16 +78,16 @@ def test_the_trainer_saves_its_float32_layers_and_a_resumed_run_keeps_them(tmp_p
     assert any("depthwise convolutions run in float32" in m for m in messages), messages
     ckpt = torch.load(run.last, weights_only=False)
     names = list(depthwise_convs(build_model("lraspp", num_classes=3, encoder="mobilenet_v3_small")))
-    assert set(ckpt["fp32_layers"]) <= set(names)
+    assert set(ckpt["task_state"]["fp32_layers"]) <= set(names)
 
     # a resumed run uses the saved choice, not a new measurement: plant one to tell them apart
     planted = names[:2]
-    ckpt["fp32_layers"] = planted
+    ckpt["task_state"]["fp32_layers"] = planted
     torch.save(ckpt, run.last)
     messages.clear()
     seglab.train(progress=False, log=messages.append, resume=str(run.last), epochs=2)
     assert any(f"{len(planted)} of {len(names)} depthwise" in m for m in messages), messages
-    assert torch.load(run.last, weights_only=False)["fp32_layers"] == planted
+    assert torch.load(run.last, weights_only=False)["task_state"]["fp32_layers"] == planted
 
 
 @pytest.mark.parametrize("arch, encoder", [("lraspp", "mobilenet_v3_small"), ("unet", "resnet18")])

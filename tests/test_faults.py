@@ -160,12 +160,13 @@ class NaNOnSecondCall(torch.nn.Module):
 def trainer(tmp_path, shapes, **kw):
     from seglab.config import load_train_config
     from seglab.engine.trainer import Trainer
+    from seglab.semantic.task import SemanticTask
 
     cfg = load_train_config(
         data=str(shapes), model="fcn", epochs=1, batch=4, img_size=48, workers=0, out=str(tmp_path), **kw
     )
-    t = Trainer(cfg, progress=False, log=lambda *a: None)
-    t.loss_fn = NaNOnSecondCall(t.loss_fn)
+    t = Trainer(cfg, SemanticTask, progress=False, log=lambda *a: None)
+    t.task.loss_fn = NaNOnSecondCall(t.task.loss_fn)
     return t
 
 
@@ -178,8 +179,8 @@ def test_nonfinite_loss_skip_counts_and_keeps_weights_finite(tmp_path, shapes):
     t = trainer(tmp_path, shapes, nonfinite="skip")
     t.fit()
     assert t.skipped_steps == 1
-    assert t.scheduler.last_epoch == 24 // 4 - 1  # one optimiser step skipped
-    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert t.parts["model"][1].last_epoch == 24 // 4 - 1  # one optimiser step skipped
+    assert all(torch.isfinite(p).all() for p in t.models["model"].parameters())
 
 
 def test_sync_bn_on_cpu_is_refused(tmp_path, shapes):

@@ -370,19 +370,20 @@ def test_a_diverged_epoch_never_becomes_best_pt(tiny_run, tmp_path, mode):
     from seglab.engine.checkpoint import load_checkpoint, non_finite
     from seglab.engine.trainer import Trainer
     from seglab.errors import SeglabError
+    from seglab.semantic.task import SemanticTask
 
     cfg = load_train_config(data=str(tiny_run / "d"), model="fcn", epochs=3, batch=2, img_size=40, workers=0,
                             out=str(tmp_path), name="run", nonfinite=mode)  # fmt: skip
-    trainer = Trainer(cfg, progress=False, log=print)
+    trainer = Trainer(cfg, SemanticTask, progress=False, log=print)
     epoch_of = trainer.train_epoch
 
-    def overflowing(epoch: int) -> float:
-        loss = epoch_of(epoch)
+    def overflowing(epoch: int) -> dict[str, float]:
+        losses = epoch_of(epoch)
         if epoch == 1:
-            norm = next(m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
+            norm = next(m for m in trainer.shipped.modules() if isinstance(m, nn.BatchNorm2d))
             norm.running_var.fill_(float("inf"))  # what a diverging step leaves behind
-            trainer.best_miou = -1.0  # any finite score would beat it: only finiteness keeps epoch 2 out
-        return loss
+            trainer.best_score = -1.0  # any finite score would beat it: only finiteness keeps epoch 2 out
+        return losses
 
     trainer.train_epoch = overflowing  # type: ignore[method-assign]
     weights = tmp_path / "run/weights"

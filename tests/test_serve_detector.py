@@ -146,7 +146,7 @@ def test_json_objects_decode_and_match_the_python_api(server, weights, photo):
     ]
     assert [c["count"] for c in answer["classes"]] == [labels.count(i) for i in range(1, len(CLASSES))]
 
-    expected = seglab.load(weights, device="cpu").predict(photo, conf=0.3).to_json()
+    expected = seglab.load(weights, device="cpu").predict(photo, conf=0.3).objects()
     assert len(answer["instances"]) == len(expected) > 5
     for got, want in zip(answer["instances"], expected, strict=True):
         assert (got["class"], got["label"]) == (want["class"], want["label"])

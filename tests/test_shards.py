@@ -360,12 +360,26 @@ def test_member_cap_holds_against_a_stream_that_lies(hostile, monkeypatch):
         list(shard_loader(spec, "val", None, batch=1, workers=0)[0])
 
 
-def test_train_and_pack_refuse_in_one_line(packed, camvid, tmp_path, capsys):
-    one_line_error(
-        capsys,
-        ["train", "--data", str(packed), "--epochs", "1", "--out", str(tmp_path / "runs")],
-        "training straight from shards is not wired into this trainer yet",
-    )
+def test_torchrun_trains_from_http_shards_and_scores_as_on_the_folder(packed, camvid, serve, tmp_path, capsys):
+    """Two ranks with a worker each train from the shards over HTTP (each reads shards of its own);
+    the weights then score the same on the shards as on the folder they were packed from."""
+    import subprocess
+    import sys
+
+    base = serve(packed.parent)
+    train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "seglab",
+             "train", "--data", f"{base}/camvid/train-{{000000..000003}}.tar", "--model", "fcn", "--img-size", "48",
+             "--epochs", "1", "--batch", "1", "--workers", "1", "--name", "shards"]  # fmt: skip
+    proc = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "epoch 1/1" in proc.stdout and "batch 1 x 2 process(es)" in proc.stdout
+    weights = tmp_path / "runs/train/shards/weights/last.pt"
+    on_shards = val(weights, f"{base}/camvid/val-{{000000..000003}}.tar", tmp_path / "a", "--workers", "0")
+    on_folder = val(weights, str(camvid), tmp_path / "b", "--workers", "0", "--limit", str(LIMIT))
+    assert on_shards == on_folder
+
+
+def test_pack_refuses_in_one_line(packed, camvid, tmp_path, capsys):
     one_line_error(capsys, ["data", "pack", "--data", str(camvid), "--out", str(packed)], "is not an empty folder")
     one_line_error(capsys, ["data", "pack", "--data", str(packed), "--out", str(tmp_path / "x")], "a shard set already")
 

@@ -27,7 +27,7 @@ def test_ema_weights_are_saved_and_differ_from_the_raw_weights(tmp_path, shapes)
     last = torch.load(run.last, weights_only=False)
     best = torch.load(run.best, weights_only=False)
     key = next(k for k in last["model"] if k.endswith("weight") and last["model"][k].ndim == 4)
-    assert not torch.equal(last["model"][key], last["train_model"][key])  # EMA != raw
+    assert not torch.equal(last["model"][key], last["train"]["model"]["model"][key])  # EMA != raw
     assert last["ema"] is not None
     # the evaluated and shipped weights are the EMA ones
     ema_state = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
@@ -39,7 +39,7 @@ def test_gradient_accumulation_steps_the_optimiser_less_often(tmp_path, shapes):
     # 12 images, batch 2 -> 6 batches; accumulate 4 -> ceil(6 / 4) = 2 optimiser steps per epoch
     run = quiet_train(tmp_path, shapes, batch=2, accumulate=4, epochs=2, name="acc")
     last = torch.load(run.last, weights_only=False)
-    assert last["scheduler"]["last_epoch"] == 2 * math.ceil(6 / 4)
+    assert last["train"]["model"]["scheduler"]["last_epoch"] == 2 * math.ceil(6 / 4)
     assert last["config"]["accumulate"] == 4
 
 
@@ -58,7 +58,7 @@ def test_class_weights_sgd_cosine_and_compound_loss(tmp_path, shapes):
     )
     assert any("median class weights" in m and "background" in m for m in messages)
     last = torch.load(run.last, weights_only=False)
-    assert "momentum_buffer" in next(iter(last["optimizer"]["state"].values()))  # SGD with momentum
+    assert "momentum_buffer" in next(iter(last["train"]["model"]["optimizer"]["state"].values()))  # SGD with momentum
     assert math.isfinite(float(run.rows[-1]["train_loss"]))
 
 

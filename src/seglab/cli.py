@@ -315,18 +315,13 @@ def _train(args: argparse.Namespace) -> int:
     return 128 + run.stopped if run.stopped else 0  # stopped by a signal: last.pt saved, not finished
 
 
+DETECTOR_TASKS = ("instance", "detect")  # their predictors give InstanceResults
+
+
 def _load(args: argparse.Namespace):
-    """--weights as seglab.load gives it; a detector's export as an ExportedDetector (ONNX Runtime or
-    TorchScript behind DetectorModel's predict and evaluate)."""
+    """--weights as seglab.load gives it: the task's predictor, for a checkpoint or an export."""
     from seglab.api import load
-    from seglab.deploy.runtime import exported_format, weights_task
 
-    if exported_format(args.weights) and weights_task(args.weights) in ("instance", "detect"):
-        if args.amp:
-            raise SeglabError(f"--amp applies to checkpoints; {args.weights} runs in the precision it was exported in")
-        from seglab.instance.runtime import ExportedDetector
-
-        return ExportedDetector(args.weights, device=args.device)
     return load(args.weights, device=args.device, amp=args.amp, trust=args.trust_weights)
 
 
@@ -339,7 +334,7 @@ def _val(args: argparse.Namespace) -> int:
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
-    if getattr(model, "task", "semantic") != "semantic":
+    if model.card.task in DETECTOR_TASKS:
         return _val_detector(model, data, args)
     from seglab.data.shards import evaluate_shards, is_shard_source
 
@@ -398,6 +393,10 @@ def _val_detector(model, data: str, args: argparse.Namespace) -> int:
         data_cache=args.data_cache or model.config.get("data_cache"),
         **_holdout_of(model),
     )
+    from seglab.engine.distributed import current
+
+    if not current().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(format_ap_table(result.metrics))
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +446,7 @@ def _predict(args: argparse.Namespace) -> int:
     names = output_names(sources)
     model = _load(args)
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
-    if getattr(model, "task", "semantic") != "semantic":
+    if model.card.task in DETECTOR_TASKS:
         return _predict_detector(model, sources, out, args)
     from tqdm import tqdm
 

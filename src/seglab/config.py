@@ -25,22 +25,49 @@ DEFAULT_MODELS = {"semantic": "unet", "instance": "maskrcnn", "detect": "fasterr
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs. Field comments become ``--help`` text."""
+class RunConfig:
+    """What the training loop reads, the same for every task. Field comments become ``--help`` text."""
+
+    data: str = ""  # dataset folder, data.yaml, or a built-in name: camvid, voc2012, isbi2012
+    data_cache: str | None = None  # where built-in datasets download to (default ~/.cache/seglab/datasets)
+    val_fraction: float = 0.1  # hold-out fraction when the dataset has no validation split
+    limit: int | None = None  # use only the first N samples of each split
+    workers: int = 2  # DataLoader worker processes
+    epochs: int = 50
+    batch: int = 8
+    accumulate: int = 1  # gradient accumulation steps
+    grad_clip: float | None = None  # clip gradient norm to this value
+    ema: bool = False  # keep an exponential moving average of the weights
+    ema_decay: float = 0.999
+    amp: bool = False  # mixed precision (autocast)
+    amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 on CUDA), bfloat16 or float16
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda means each rank's own GPU)
+    dist_timeout: float = 600.0  # under torchrun: seconds a rank waits for the others before failing
+    nonfinite: str = "stop"  # a non-finite loss: stop with a message, or skip the step and count it
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (slower)
+    out: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False  # reuse <out>/<name> instead of incrementing
+    resume: str | None = None  # last.pt to continue from, or auto: <out>/<name>/weights/last.pt if there is one
+    trust_weights: bool = False  # --resume: also load a checkpoint that needs pickled code (only files you made)
+    val_interval: int = 1  # validate every N epochs
+    save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs (0 = never)
+    plots: bool = True  # write curves.png
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything a training run of a segmentation model or detector needs."""
 
     task: str = "semantic"  # semantic (a class per pixel), instance (Mask R-CNN) or detect (Faster R-CNN)
     # data
-    data: str = ""  # dataset folder, data.yaml, or a built-in name: camvid, voc2012, isbi2012
-    data_cache: str | None = None  # where built-in datasets download to (default ~/.cache/seglab/datasets)
     img_size: int = 512  # long side images are resized to (train, val and predict)
     crop_size: list[int] | None = None  # training crop [height, width]; default: img_size square
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale range
     hflip: float = 0.5  # horizontal-flip probability
     jitter: float = 0.2  # photometric jitter strength (brightness/contrast/saturation), 0 = off
     cache: bool = False  # keep decoded images in memory (small datasets)
-    val_fraction: float = 0.1  # hold-out fraction when the dataset has no validation split
-    limit: int | None = None  # use only the first N samples of each split
-    workers: int = 2  # DataLoader worker processes
     strict_data: bool = False  # an unreadable image or mask stops the run (default: report and skip it)
     in_channels: int = 3  # 3 = RGB, 1 = greyscale
     # model
@@ -51,8 +78,6 @@ class TrainConfig:
     loss: str = "ce"  # ce, dice, focal, ce+dice, ohem
     class_weights: str | None = None  # none, inverse, median, enet: computed from the train split
     # optimisation
-    epochs: int = 50
-    batch: int = 8
     optimizer: str = "adamw"  # adamw or sgd
     lr: float = 1e-3
     momentum: float = 0.9  # SGD momentum
@@ -62,29 +87,9 @@ class TrainConfig:
     poly_power: float = 0.9
     step_size: int = 30  # epochs between decays for the step schedule
     step_gamma: float = 0.1
-    accumulate: int = 1  # gradient accumulation steps
-    grad_clip: float | None = None  # clip gradient norm to this value
-    ema: bool = False  # keep an exponential moving average of the weights
-    ema_decay: float = 0.999
     # speed
-    amp: bool = False  # mixed precision (autocast)
-    amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 on CUDA), bfloat16 or float16
     channels_last: bool = True  # channels-last memory format
-    device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda means each rank's own GPU)
     sync_bn: bool = False  # under torchrun: synchronise BatchNorm statistics across ranks
-    dist_timeout: float = 600.0  # under torchrun: seconds a rank waits for the others before failing
-    nonfinite: str = "stop"  # a non-finite loss: stop with a message, or skip the step and count it
-    # run
-    seed: int = 0
-    deterministic: bool = False  # deterministic kernels (slower)
-    out: str = "runs/train"
-    name: str = "exp"
-    exist_ok: bool = False  # reuse runs/train/<name> instead of incrementing
-    resume: str | None = None  # checkpoint to continue from (in its own run folder when it sits in one)
-    trust_weights: bool = False  # --resume: also load a checkpoint that needs pickled code (only files you made)
-    val_interval: int = 1  # validate every N epochs
-    save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs (0 = never)
-    plots: bool = True  # write curves.png
 
     def __post_init__(self) -> None:
         if not self.model:  # the task's own architecture
@@ -96,10 +101,11 @@ def field_help(cls: type) -> dict[str, str]:
     import inspect
 
     help_text: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest and name.isidentifier():
-            help_text[name] = rest.split("#", 1)[1].strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's comment wins
+        for line in inspect.getsource(klass).splitlines():
+            name, sep, rest = line.strip().partition(":")
+            if sep and "#" in rest and name.isidentifier():
+                help_text[name] = rest.split("#", 1)[1].strip()
     return help_text
 
 
@@ -191,17 +197,37 @@ def load_train_config(config_file: str | None = None, **overrides: Any) -> Train
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Range checks that a type alone cannot express."""
-    checks = [
+def check(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise SeglabError(message)
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Range checks of the fields every task shares."""
+    check([
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.batch >= 1, "--batch must be at least 1"),
-        (cfg.img_size >= 16, "--img-size must be at least 16 pixels"),
-        (cfg.lr > 0, "--lr must be positive"),
         (cfg.accumulate >= 1, "--accumulate must be at least 1"),
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
         (cfg.limit is None or cfg.limit >= 1, "--limit must be at least 1"),
         (cfg.workers >= 0, "--workers must be 0 or more"),
+        (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
+        (cfg.val_interval >= 1, "--val-interval must be at least 1"),
+        (cfg.nonfinite in ("stop", "skip"), f"--nonfinite {cfg.nonfinite!r}: choose one of stop, skip"),
+    ])  # fmt: skip
+    from seglab.engine.runs import check_name
+
+    check_name(cfg.name)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that a type alone cannot express."""
+    validate_run(cfg)
+    checks = [
+        (cfg.img_size >= 16, "--img-size must be at least 16 pixels"),
+        (cfg.lr > 0, "--lr must be positive"),
         (cfg.in_channels in (1, 3), "--in-channels must be 1 or 3"),
         (0 <= cfg.hflip <= 1, "--hflip is a probability between 0 and 1"),
         (
@@ -212,14 +238,8 @@ def validate(cfg: TrainConfig) -> None:
             cfg.crop_size is None or (len(cfg.crop_size) == 2 and min(cfg.crop_size) >= 16),
             "--crop-size needs two numbers (height width), each at least 16",
         ),
-        (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise SeglabError(message)
-    from seglab.engine.runs import check_name
-
-    check_name(cfg.name)
+    check(checks)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -183,6 +183,7 @@ def prune_checkpoint(
     """
     from seglab.engine.runs import next_run_dir
     from seglab.engine.trainer import Trainer
+    from seglab.semantic.task import SemanticTask
 
     checks = [
         (0 < flops < 1, f"--flops {flops}: the fraction of FLOPs to remove, between 0 and 1 (e.g. 0.3)"),
@@ -230,7 +231,7 @@ def prune_checkpoint(
         log(f"prune: no fine-tune (--epochs 0); wrote {best}")
     else:
         log(f"prune: fine-tuning {epochs} epoch(s) at lr {cfg.lr:g} on {cfg.data}")
-        Trainer(cfg, progress=progress, log=log, model=pruned.model).fit()
+        Trainer(cfg, SemanticTask, progress=progress, log=log, model=pruned.model).fit()
     if report:
         _report(Path(weights), best, run_dir, data=data, limit=limit, data_cache=cfg.data_cache, log=log)
     return best

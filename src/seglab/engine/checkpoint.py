@@ -57,21 +57,10 @@ class ModelCard:
     weights: str | None = None  # detectors: the pretrained weights training began from (they set the norm layers)
 
     def build(self) -> nn.Module:
-        from seglab.models import build_model
+        """The untrained network this card describes, as its task builds it."""
+        from seglab.tasks import get_task
 
-        if self.task != "semantic":
-            from seglab.instance.models import DetectorSpec, build_detector
-
-            spec = DetectorSpec(self.arch, self.encoder, self.num_classes, self.weights, self.img_size)
-            return build_detector(spec, download=False)
-
-        return build_model(
-            self.arch,
-            num_classes=self.num_classes,
-            in_channels=self.in_channels,
-            encoder=self.encoder,
-            encoder_weights=None,
-        )
+        return get_task(self.task).build_model(self)
 
 
 MAX_CLASSES = 65535  # masks of more than 256 classes are 16-bit
@@ -398,12 +387,12 @@ def _needs_code(path: Path) -> str:
 
 
 def read_resumable(
-    path: str | Path, *, trust: bool = False, key: str = "optimizer", log=print
+    path: str | Path, *, trust: bool = False, key: str = "train", log=print
 ) -> tuple[dict[str, Any], Path]:
     """(a training checkpoint to resume from, its path): ``path``, or when that cannot be read, the
     ``last.prev.pt`` saved before it. The unreadable file is then moved aside to ``<stem>.corrupt.pt``,
     so the next save cannot rotate it into ``last.prev.pt`` over the good one. ``key`` is what a
-    training state holds (``optimizer``; ``optimizer_g`` for generators)."""
+    training state holds (``train``: every network's weights, optimiser and schedule)."""
     path = Path(path)
     try:
         ckpt = load_checkpoint(path, trust=trust)

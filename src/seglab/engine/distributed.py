@@ -62,6 +62,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP sends them at the start of each
+    forward pass, so after the last training step each rank still holds its own: validating or saving
+    then would mix models."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's ``items`` (picklable, from this process's own code), concatenated in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from seglab.engine.distributed import all_reduce_sum
+from seglab.engine.distributed import all_reduce_sum, gather_objects
 from seglab.engine.inference import Inferencer, resize_to
 from seglab.metrics import ConfusionMatrix, metrics_from_confusion
 
@@ -65,8 +64,5 @@ def evaluate(
     loss_totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=inferencer.device))
     loss_sum, loss_n = float(loss_totals[0]), int(loss_totals[1])
     metrics = metrics_from_confusion(cm.matrix.cpu(), class_names)
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, skipped)
-        skipped = [m for part in gathered for m in part]
+    skipped = gather_objects(skipped)
     return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None, skipped)

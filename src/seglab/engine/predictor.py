@@ -1,10 +1,10 @@
-"""Prediction results: the mask, its confidence, an overlay, and how they are saved."""
+"""What every predictor returns (:class:`Result`, the semantic :class:`SegResult`) and the helpers
+the predictors share: reading sources, naming outputs, saving files atomically."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,47 @@ from seglab.plots import blend, blend_image, palette_image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-@dataclass
 class Result:
-    """One image's prediction. ``mask`` is (H, W) class indices at the image's own size."""
+    """One image's prediction, whatever the task. Every task's result has ``task``, ``image``
+    ((H, W, C) uint8, as read), ``path``, ``classes`` and ``colors``; ``plot()`` draws it on the
+    image, ``to_json()`` is a dict that ``json.dumps`` takes, ``save(out_dir)`` writes each of its
+    files whole or not at all, and its repr says what was found in one line."""
+
+    image: np.ndarray
+    path: Path | None
+    classes: list[str]
+    colors: list[tuple[int, int, int]]
+
+    @property
+    def task(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else "image"
+
+    def plot(self, *, alpha: float = 0.5) -> np.ndarray:
+        """The prediction drawn on the image, (H, W, 3) uint8."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """What was found, in a few words (for the repr)."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save(self, out_dir: str | Path, *, name: str | None = None, alpha: float = 0.5) -> dict[str, Path]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        h, w = self.image.shape[:2]
+        return f"{type(self).__name__}({self.task}, {self.path or 'array'}, {w}x{h}: {self.summary()})"
+
+
+@dataclass(repr=False)
+class SegResult(Result):
+    """A semantic model's prediction. ``mask`` is (H, W) class indices at the image's own size."""
 
     image: np.ndarray  # (H, W, C) uint8, as read
     mask: np.ndarray  # (H, W) uint8 class indices (uint16 for models of more than 256 classes)
@@ -30,22 +68,27 @@ class Result:
     path: Path | None = None
 
     @property
-    def stem(self) -> str:
-        return self.path.stem if self.path else "image"
+    def task(self) -> str:
+        return "semantic"
 
     def overlay(self, alpha: float = 0.5) -> np.ndarray:
         """The image with class colours blended in, (H, W, 3) uint8."""
         return blend(self.image, self.mask, self.colors, alpha)
+
+    def plot(self, *, alpha: float = 0.5) -> np.ndarray:
+        return self.overlay(alpha)
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each predicted class covers."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))[: len(self.classes)]
         return {name: float(c) / self.mask.size for name, c in zip(self.classes, counts, strict=True) if c}
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
-        )
+    def summary(self) -> str:
+        top = sorted(self.areas().items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{name} {100 * share:.0f}%" for name, share in top)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
 
     def save(
         self, out_dir: str | Path, *, confidence: bool = False, alpha: float = 0.5, name: str | None = None
@@ -56,15 +99,16 @@ class Result:
         out = Path(out_dir)
         stem = name or self.stem
         written = {"mask": out / "masks" / f"{stem}.png", "overlay": out / "overlays" / f"{stem}.jpg"}
-        _atomic_save(palette_image(self.mask, self.colors), written["mask"])
-        _atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
+        atomic_save(palette_image(self.mask, self.colors), written["mask"])
+        atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
         if confidence and self.confidence is not None:
             written["confidence"] = out / "confidence" / f"{stem}.png"
-            _atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
+            atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
         return written
 
 
-def _atomic_save(image: Image.Image, path: Path, **params: Any) -> None:
+def atomic_save(image: Image.Image, path: Path, **params: Any) -> None:
+    """``image`` written to ``path`` whole or not at all."""
     with atomic_path(path) as tmp:
         image.save(tmp, **params)
 
@@ -114,3 +158,27 @@ def expand_source(source) -> tuple[list, bool]:
     if isinstance(source, str | Path):
         return [*list_sources(source)], not Path(source).is_dir()
     return list(source), False
+
+
+def read_batches(
+    sources: Sequence[str | Path | np.ndarray], batch: int, channels: int
+) -> Iterator[list[tuple[np.ndarray, Path | None]]]:
+    """The images of ``sources`` (paths or (H, W[, C]) uint8 arrays), ``batch`` at a time, as
+    (H, W, ``channels``) arrays with their paths: what every predictor's loop reads, so at most one
+    batch of decoded images is held."""
+    from seglab.data.io import read_image
+
+    pending: list[tuple[np.ndarray, Path | None]] = []
+    for item in sources:
+        if isinstance(item, np.ndarray):
+            image = item if item.ndim == 3 else item[..., None]
+            if image.shape[-1] == 1 and channels > 1:  # a greyscale array for an RGB model
+                image = image.repeat(channels, -1)
+            pending.append((image, None))
+        else:
+            pending.append((read_image(item, channels), Path(item)))
+        if len(pending) == batch:
+            yield pending
+            pending = []
+    if pending:
+        yield pending

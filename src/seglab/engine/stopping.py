@@ -80,23 +80,3 @@ def stop_on_signals(trainer: Any) -> DeferredSignals:
     """SIGINT/SIGTERM set ``trainer.stop_signal``: the loop saves last.pt at the next optimiser step
     and returns. A second signal interrupts at once, as the user asked twice."""
     return DeferredSignals(on_signal=lambda signum: setattr(trainer, "stop_signal", signum))
-
-
-def run_epochs(trainer: Any, command: str) -> int | None:
-    """``trainer._run_epoch(epoch)`` from ``trainer.start_epoch`` to ``trainer.cfg.epochs``, stopping
-    cleanly on SIGINT/SIGTERM; returns the signal that stopped it, or None when every epoch ran.
-
-    ``command`` is the CLI command that resumes the run (``train``, ``gen train``), for the messages.
-    """
-    with stop_on_signals(trainer):
-        trainer.log(f"{command}: run folder {trainer.run_dir}")  # from here on, SIGINT/SIGTERM save and stop
-        try:
-            for epoch in range(trainer.start_epoch, trainer.cfg.epochs):
-                trainer._run_epoch(epoch)
-        except TrainingStopped as stop:
-            trainer.log(
-                f"{command}: stopped by signal {trainer.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
-                f"continue with: seglab {command} --resume {trainer.run_dir / 'weights' / 'last.pt'}"
-            )
-            return trainer.stop_signal
-    return None

@@ -1,14 +1,18 @@
-"""The training loop: data, model, optimiser, schedule, validation, checkpoints, logs.
+"""The training loop, one for every task: run folder, seeding, samplers, DDP, gradient accumulation,
+clipping, EMA, optimisers and schedules, ``--nonfinite stop|skip``, SIGINT/SIGTERM, mid-epoch
+checkpoints with every RNG, exact resume, metrics.csv, TensorBoard, curves, progress and log lines.
 
-Read ``Trainer.fit`` top to bottom; everything else is a small helper it calls.
-A run lives in ``runs/train/<name>/``:
+A task (``seglab/tasks.py`` names the module of each) brings only what differs: its data and
+networks, one training step that yields ``(network, loss, logged values)`` for each network it
+updates, validation, and what its checkpoints ship. Read ``Trainer.fit`` top to bottom.
+A run lives in ``<out>/<name>/``:
 
     config.yaml       the resolved config
-    metrics.csv       one row per epoch
-    curves.png        loss and mIoU per epoch
+    metrics.csv       one row per epoch: the task's losses and val metrics
+    curves.png        losses and the val score per epoch
     events.out.tfevents.*  TensorBoard
-    weights/last.pt   everything needed to --resume
-    weights/best.pt   the weights with the best val mIoU, with their metrics
+    weights/last.pt   everything needed to --resume (and the shipped weights, so val/predict take it)
+    weights/best.pt   the weights with the best val score (the task names the file and the score)
 """
 
 from __future__ import annotations
@@ -18,51 +22,155 @@ import math
 import os
 import random
 import time
+from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from seglab.config import TrainConfig, to_dict
-from seglab.data import (
-    EpochSampler,
-    EvalTransform,
-    SegmentationDataset,
-    TrainTransform,
-    build_loader,
-    resolve_dataset,
-    train_val_splits,
-)
+from seglab.config import RunConfig, build_config, to_dict
+from seglab.data.dataset import EpochSampler, seed_worker
 from seglab.engine.checkpoint import (
-    ModelCard,
-    build_from,
-    card_from_dict,
     load_checkpoint,
-    make_payload,
     non_finite,
+    read_resumable,
     restore_rng,
     rng_state,
     save_checkpoint,
     training_state,
 )
-from seglab.engine.distributed import all_reduce_sum, init_distributed
-from seglab.engine.evaluator import EvalResult, evaluate
-from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize, resolve_device
-from seglab.engine.runs import next_run_dir, restore_rows, resume_run_dir, write_csv
-from seglab.engine.schedule import build_optimizer, build_scheduler
-from seglab.engine.stopping import TrainingStopped, run_epochs
+from seglab.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed
+from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.runs import RESUME_OVERRIDES, next_run_dir, restore_rows, resume_run_dir, write_csv
+from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
-from seglab.losses import build_loss
-from seglab.models import SegmentationModel, build_model
 from seglab.plots import plot_curves
 
-CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_pixel_accuracy", "lr", "epoch_time_s"]
+Step = Generator[tuple[str, torch.Tensor, dict[str, float]], None, None]  # (network, loss to minimise, values to log)
+
+
+class Task:
+    """What one kind of model brings to the loop. ``setup`` fills ``models`` (the first is the one
+    that ships: EMA'd, saved as ``best``, checked for divergence) and ``train_loader`` (its sampler and
+    dataset have ``set_epoch``); the rest are called by the loop as named."""
+
+    command = "train"  # the command that resumes a run, for the messages
+    fields: tuple[str, ...] = ()  # metrics.csv columns between epoch and lr: train losses, then val metrics
+    score: str | None = None  # the row key (higher is better) that picks best.pt; None: every good epoch ships
+    best = "best.pt"  # the file the shipped weights go to
+    curves: ClassVar[dict[str, Any]] = {}  # plot_curves keywords (losses, scores, title)
+
+    @classmethod
+    def build_model(cls, card: Any) -> nn.Module:
+        """The untrained network a checkpoint's model card describes (its weights are loaded after)."""
+        raise NotImplementedError
+
+    @classmethod
+    def predictor(cls, model: nn.Module, card: Any, **kwargs: Any) -> Any:
+        """What ``seglab.load`` returns for this task's checkpoints: a predictor whose ``predict``
+        gives :class:`seglab.engine.predictor.Result` objects."""
+        raise NotImplementedError
+
+    @classmethod
+    def exported(cls, path: Any, *, device: str = "auto") -> Any:
+        """The predictor of an export of this task's model (.onnx, .torchscript, .pt2)."""
+        raise SeglabError(f"{path}: seglab exports no models of this kind")
+
+    def __init__(self, cfg: Any, trainer: Trainer) -> None:
+        self.cfg, self.trainer = cfg, trainer
+        self.models: dict[str, nn.Module] = {}
+        self.train_loader: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    @property
+    def dist(self) -> DistInfo:
+        return self.trainer.dist
+
+    def log(self, *args: Any) -> None:
+        self.trainer.log(*args)
+
+    def epoch_loader(self, dataset: Any, collate_fn: Any = None) -> DataLoader:
+        """The training loader: this rank's share of one shuffled order per (seed, epoch), whole batches."""
+        cfg, dist = self.cfg, self.dist
+        sampler = EpochSampler(
+            len(dataset), batch=cfg.batch, shuffle=True, seed=cfg.seed, rank=dist.rank, world=dist.world,
+            drop_last=True,
+        )  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            collate_fn=collate_fn,
+            drop_last=True,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            # workers start afresh each epoch, with the dataset's set_epoch seed: persistent ones would
+            # keep the first epoch's copy of the dataset, and its augmentation, for every epoch
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def set_epoch(self, epoch: int, start: int) -> None:
+        """Put the training data at batch ``start`` of ``epoch``: the order depends only on (seed, epoch),
+        and so does each sample's augmentation."""
+        self.train_loader.sampler.set_epoch(epoch, start)
+        self.train_loader.dataset.set_epoch(self.cfg.seed * 100_003 + epoch)
+
+    def check(self) -> None:
+        """Refuse a config this task cannot train, before any data is read."""
+
+    def setup(self, checkpoint: dict[str, Any] | None, model: nn.Module | None) -> None:
+        raise NotImplementedError
+
+    def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+        """An (optimiser, per-step scheduler) for each network in ``models`` that trains."""
+        raise NotImplementedError
+
+    def step(self, batch: Any, nets: dict[str, nn.Module]) -> Step:
+        """One training step. ``nets`` are the networks as the loop runs them (DDP under torchrun);
+        ``self.models`` the bare ones (for a network used but not updated in a phase)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(row values, the metrics best.pt carries) of the shipped ``model`` on the val split, the
+        same on every rank (each rank scores its share; the task reduces them)."""
+        raise NotImplementedError
+
+    def payload(self, model: nn.Module) -> dict[str, Any]:
+        """What a checkpoint of the shipped ``model`` holds for prediction: its card and weights."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """The first log line: what trains on what."""
+        return ""
+
+    def epoch_line(self, row: dict[str, Any]) -> str:
+        shown = ", ".join(f"{k} {row[k]}" for k in self.fields if row.get(k, "") != "")
+        return f"{shown} ({row['epoch_time_s']} s)"
+
+    def done_line(self, best: float, weights: Path) -> str:
+        return f"done; weights in {weights}"
+
+    def after_epoch(self, run_dir: Path, epoch: int, model: nn.Module) -> None:
+        """Files of the task's own after an epoch (main rank only), such as sample grids of ``model``."""
+
+    def state(self) -> dict[str, Any]:
+        """Task state a resumed run needs back (plain data)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -74,75 +182,78 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def check_names(cfg: TrainConfig) -> None:
-    """Every name in the config must be registered; say which flag is wrong and what was meant."""
-    from seglab.engine.schedule import OPTIMIZERS, SCHEDULERS
-    from seglab.losses import CLASS_WEIGHT_METHODS, LOSSES
-    from seglab.models import ENCODERS, MODELS
-    from seglab.registry import did_you_mean
-
-    arch = MODELS.get_or_raise(cfg.model, flag="--model")
-    encoder = cfg.encoder or arch.default_encoder
-    if not encoder.startswith("timm:"):
-        ENCODERS.get_or_raise(encoder, flag="--encoder")
-    LOSSES.get_or_raise(cfg.loss, flag="--loss")
-    choices = {
-        "--optimizer": (cfg.optimizer, OPTIMIZERS),
-        "--scheduler": (cfg.scheduler, SCHEDULERS),
-        "--class-weights": (cfg.class_weights or "none", ("none", *CLASS_WEIGHT_METHODS)),
-        "--encoder-weights": (cfg.encoder_weights or "none", ("none", "imagenet")),
-        "--amp-dtype": (cfg.amp_dtype, AMP_DTYPES),
-        "--nonfinite": (cfg.nonfinite, ("stop", "skip")),
-    }
-    for flag, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise SeglabError(f"{flag} {value!r}{did_you_mean(value, allowed)}: choose one of {', '.join(allowed)}")
+def auto_resume(schema: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with ``--resume auto`` made a path: ``<out>/<name>/weights/last.pt`` when there is
+    one, else no resume and ``exist_ok`` (start ``<out>/<name>`` itself, so a restart finds it).
+    Under ``torchrun --max-restarts N`` auto is the default: a restarted worker resumes by itself."""
+    resume = overrides.get("resume")
+    if resume is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        resume = "auto"
+    if resume != "auto":
+        return overrides
+    out, name = overrides.get("out") or schema.out, overrides.get("name") or schema.name
+    last = Path(out) / name / "weights" / "last.pt"
+    if last.is_file() or last.with_name("last.prev.pt").is_file():
+        return {**overrides, "resume": str(last)}
+    return {**overrides, "resume": None, "exist_ok": True}
 
 
-def check_sync_bn(cfg: TrainConfig, device: torch.device) -> None:
-    """--sync-bn means something only on CUDA under torchrun: refuse it anywhere else, as PyTorch would."""
-    if not cfg.sync_bn:
-        return
-    if device.type != "cuda":
+def resume_config(schema: type, overrides: dict[str, Any], *, log=print) -> tuple[Any, dict[str, Any]]:
+    """(the config, the checkpoint) of the run ``overrides["resume"]`` continues.
+
+    A resumed run keeps its own settings; only where it runs, for how long and where it writes may
+    change. A flag that repeats the run's own value is fine (an elastic restart repeats them all)."""
+    trust = bool(overrides.get("trust_weights"))
+    ckpt, path = read_resumable(overrides["resume"], trust=trust, key="train", log=log)
+    if not isinstance(ckpt.get("config"), dict):
+        raise SeglabError(f"{path} holds no training config; resume from a weights/last.pt that seglab wrote")
+    saved = {**ckpt["config"], "resume": str(path)}
+    changed = sorted(
+        k
+        for k, v in overrides.items()
+        if v is not None and k not in (*RESUME_OVERRIDES, "resume") and not _same_value(k, v, saved.get(k))
+    )
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise SeglabError(
-            "--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU training"
+            f"--resume continues a run with its own settings; {flags} cannot change "
+            "(only --epochs, --device, --workers, --out and --name can)"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's variable, as engine/distributed.py reads it
-        raise SeglabError(
-            "--sync-bn synchronises BatchNorm across torchrun processes, and this run has one; "
-            "start it with torchrun or drop --sync-bn"
-        )
+    saved.update({k: overrides[k] for k in RESUME_OVERRIDES if overrides.get(k) is not None})
+    return build_config(schema, saved, str(path)), ckpt
+
+
+def _same_value(key: str, given: Any, saved: Any) -> bool:
+    if key == "data" and isinstance(given, str) and Path(given).exists():
+        given = str(Path(given).resolve())  # the run saved its data folder resolved
+    if isinstance(given, tuple):
+        given = list(given)
+    return bool(given == saved)
 
 
 class Trainer:
-    """Train ``cfg.model`` from scratch, or go on training ``model`` when one is given (a pruned
-    model being fine-tuned: its checkpoints then carry the module itself, see checkpoint.py)."""
+    """Train ``cfg`` with ``task`` (a :class:`Task` class), or go on training ``model`` when one is
+    given (a pruned model being fine-tuned)."""
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        cfg: RunConfig,
+        task: type[Task],
         *,
         progress: bool = True,
         log=print,
         checkpoint: dict[str, Any] | None = None,
-        model: SegmentationModel | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.progress, self.log = progress, log
-        # the checkpoint api.resume_config already read, else read it here
-        resume_ckpt = checkpoint
-        if resume_ckpt is None and cfg.resume:
-            resume_ckpt = load_checkpoint(cfg.resume, trust=cfg.trust_weights)
-        if model is None and resume_ckpt is not None and ("layers" in resume_ckpt or "module" in resume_ckpt):
-            # resuming the fine-tune of a pruned model: the recipe narrowed to the saved layer widths
-            card = card_from_dict(resume_ckpt["card"], cfg.resume or "")
-            model = cast(SegmentationModel, build_from(card, resume_ckpt, cfg.resume or ""))
-        self.pruned = model is not None  # card.build() alone cannot rebuild it: save its layer widths too
-        if cfg.data and Path(cfg.data).exists():  # val and predict find the data from any folder
+        if cfg.resume and checkpoint is None:
+            checkpoint = load_checkpoint(cfg.resume, trust=cfg.trust_weights)
+        if cfg.data and Path(cfg.data).exists():  # val, predict and sample find the data from any folder
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
-        check_names(cfg)  # fail on a misspelt name before the dataset is read
         self.device = resolve_device(cfg.device)
-        check_sync_bn(cfg, self.device)
+        self.task = task(cfg, self)
+        self.task.check()  # a wrong name fails before the dataset is read
         self.dist = init_distributed(self.device.type, cfg.dist_timeout)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -150,116 +261,43 @@ class Trainer:
             self.progress, self.log = False, lambda *args, **kwargs: None
         seed_everything(cfg.seed, cfg.deterministic)
 
-        # ---- data
-        spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=self.progress)
-        self.spec = spec
-        train_samples, val_samples = train_val_splits(
-            spec, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit
-        )
-        crop = tuple(cfg.crop_size) if cfg.crop_size else (cfg.img_size, cfg.img_size)
-        train_tf = TrainTransform(
-            cfg.img_size, crop, (cfg.scale_range[0], cfg.scale_range[1]), cfg.hflip, cfg.jitter, spec.ignore_index
-        )
-        skip_bad = not cfg.strict_data
-        self.train_set = SegmentationDataset(
-            train_samples, spec, train_tf, cache=cfg.cache, in_channels=cfg.in_channels, skip_bad=skip_bad
-        )
-        self.val_set = SegmentationDataset(
-            val_samples,
-            spec,
-            EvalTransform(cfg.img_size),
-            cache=cfg.cache,
-            in_channels=cfg.in_channels,
-            skip_bad=skip_bad,
-        )
-        for note in spec.notes:
-            self.log(f"data: {note}")
-        if cfg.cache:
-            self.train_set.preload()
-            self.val_set.preload()
-        rank, world = self.dist.rank, self.dist.world
-        self.train_sampler = EpochSampler(
-            len(self.train_set), batch=cfg.batch, shuffle=True, seed=cfg.seed, rank=rank, world=world, drop_last=True
-        )
-        val_sampler = EpochSampler(len(self.val_set), batch=cfg.batch, shuffle=False, rank=rank, world=world)
-        loader_args: dict[str, Any] = dict(
-            batch=cfg.batch, shuffle=False, workers=cfg.workers, ignore_index=spec.ignore_index, seed=cfg.seed
-        )
-        self.train_loader = build_loader(self.train_set, sampler=self.train_sampler, drop_last=True, **loader_args)
-        self.val_loader = build_loader(self.val_set, sampler=val_sampler, **loader_args)
-        if len(self.train_loader) == 0:
-            most = max(1, len(train_samples) // world)
-            raise SeglabError(
-                f"--batch {cfg.batch} x {world} process(es) is more than the {len(train_samples)} training "
-                f"images; use --batch {most} or fewer"
-            )
-
-        # ---- model, loss, optimiser, schedule
-        if model is None:
-            model = build_model(
-                cfg.model,
-                num_classes=spec.num_classes,
-                in_channels=cfg.in_channels,
-                encoder=cfg.encoder,
-                encoder_weights=cfg.encoder_weights,
-            )
-        elif getattr(model, "num_classes", spec.num_classes) != spec.num_classes:
-            raise SeglabError(
-                f"the model predicts {model.num_classes} classes and {cfg.data} has {spec.num_classes}; "
-                "fine-tune on the data it was trained on (--data)"
-            )
-        self.model = model.to(self.device)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.fp32_layers = self._float32_depthwise(crop, resume_ckpt)
-        self.net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
+        # ---- data and networks (the task's), the loop's wrappers around them
+        self.task.setup(checkpoint, model)
+        self.models = self.task.models
+        self.shipped = next(iter(self.models.values()))
+        self.nets: dict[str, nn.Module] = dict(self.models)  # what the step calls: DDP around each under torchrun
         if self.dist.enabled:
-            if cfg.sync_bn:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        weights = self._class_weights(train_samples)
-        self.loss_fn = build_loss(
-            cfg.loss, num_classes=spec.num_classes, ignore_index=spec.ignore_index, class_weights=weights
-        )
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accumulate)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+            self.nets = {k: nn.parallel.DistributedDataParallel(m, device_ids=ids) for k, m in self.models.items()}
+        loader = self.task.train_loader
+        if len(loader) == 0:
+            most = max(1, len(loader.dataset) // self.dist.world)
+            raise SeglabError(
+                f"--batch {cfg.batch} x {self.dist.world} process(es) is more than the {len(loader.dataset)} "
+                f"training images; use --batch {most} or fewer"
+            )
+        self.steps_per_epoch = math.ceil(len(loader) / cfg.accumulate)
+        self.parts = self.task.optimizers(self.steps_per_epoch)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none
         fp16 = cfg.amp and amp_dtype(self.device, cfg.amp_dtype) == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 and self.device.type == "cuda")
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-            if cfg.ema
-            else None
-        )
-        self.card = ModelCard(
-            arch=cfg.model,
-            encoder=self.model.encoder_name,
-            num_classes=spec.num_classes,
-            in_channels=cfg.in_channels,
-            classes=spec.classes,
-            colors=list(spec.colors),
-            ignore_index=spec.ignore_index,
-            mean=list(self.model.mean),
-            std=list(self.model.std),
-            img_size=cfg.img_size,
-            crop_size=list(crop),
-        )
+        self.ema = None
+        if cfg.ema:
+            self.ema = AveragedModel(self.shipped, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
         # ---- run folder and state
-        self.start_epoch, self.best_miou = 0, -1.0
-        self.start_batch, self.partial_loss = 0, (0.0, 0)  # mid-epoch resume
+        self.start_epoch, self.start_batch, self.best_score = 0, 0, -1.0  # scores are 0..1
+        self.partial: tuple[dict[str, float], int] = ({}, 0)  # a mid-epoch resume's sums so far
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
-        self.bad_seen: set[str] = set()  # unreadable samples already named in the log
-        self.bad_count = {"train": 0, "val": 0}  # unreadable samples skipped this epoch
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
         if cfg.resume:
-            assert resume_ckpt is not None
-            saved = resume_ckpt["config"]
-            self.run_dir, _ = resume_run_dir(cfg.resume, saved, out=cfg.out, name=cfg.name, log=self.log)
-            self._restore(resume_ckpt)
+            assert checkpoint is not None
+            self.run_dir, _ = resume_run_dir(cfg.resume, checkpoint["config"], out=cfg.out, name=cfg.name, log=self.log)
+            with training_state(cfg.resume):
+                self._load_state(checkpoint)
+            where = f", batch {self.start_batch + 1}" if self.start_batch else ""
+            self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{cfg.epochs}{where}")
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
         self.tb = None
@@ -271,123 +309,155 @@ class Trainer:
 
             self.tb = SummaryWriter(str(self.run_dir))
 
+    @property
+    def fields(self) -> list[str]:
+        return ["epoch", *self.task.fields, "lr", "epoch_time_s"]
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         cfg, world = self.cfg, self.dist.world
-        n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        self.log(f"{self.task.command}: {self.task.summary()}")
         self.log(
-            f"train: {cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
-            f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
-            f"amp {str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix('torch.') if cfg.amp else 'off'}"
+            f"{self.task.command}: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x "
+            f"{world} process(es) x accumulate {cfg.accumulate}"
         )
-        self.log(
-            f"train: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x {world} "
-            f"process(es) x accumulate {cfg.accumulate}; lr {cfg.lr:g} as given (not scaled with the batch)"
-        )
-        stopped = run_epochs(self, "train")
+        stopped = self._run_epochs()
         if self.tb is not None:
             self.tb.close()
         if stopped is None:
-            self.log(f"train: done; best val mIoU {100 * self.best_miou:.2f}; weights in {self.run_dir / 'weights'}")
-        return {"run_dir": self.run_dir, "best_miou": self.best_miou, "rows": self.rows, "stopped": stopped}
+            self.log(f"{self.task.command}: {self.task.done_line(self.best_score, self.run_dir / 'weights')}")
+        return {"run_dir": self.run_dir, "best": self.best_score, "rows": self.rows, "stopped": stopped}
+
+    def _run_epochs(self) -> int | None:
+        """Every epoch left, stopping cleanly on SIGINT/SIGTERM; the signal that stopped it, or None."""
+        command = self.task.command
+        with stop_on_signals(self):
+            self.log(f"{command}: run folder {self.run_dir}")  # from here on, SIGINT/SIGTERM save and stop
+            try:
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    self._run_epoch(epoch)
+            except TrainingStopped as stop:
+                self.log(
+                    f"{command}: stopped by signal {self.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
+                    f"continue with: seglab {command} --resume {self.run_dir / 'weights' / 'last.pt'}"
+                )
+                return self.stop_signal
+        return None
 
     def _run_epoch(self, epoch: int) -> None:
         """Train one epoch, validate, log, save."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        train_loss = self.train_epoch(epoch)
-        result = None
-        if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
-            result = self._validate()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(train_loss, 5),
-            "val_loss": round(result.loss, 5) if result and result.loss is not None else "",
-            "val_miou": round(result.metrics["miou"], 5) if result else "",
-            "val_pixel_accuracy": round(result.metrics["pixel_accuracy"], 5) if result else "",
-            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
-            "epoch_time_s": round(time.perf_counter() - t0, 1),
-        }
+        train = self.train_epoch(epoch)
+        values: dict[str, Any] = {}
+        metrics = None
+        validated = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs
+        for model in {*self.models.values(), self._shipped_model()}:
+            broadcast_buffers(model)  # every rank validates and saves rank 0's model
+        if validated:
+            values, metrics = self.task.validate(self._shipped_model())
+        row: dict[str, Any] = dict.fromkeys(self.fields, "")
+        row.update({k: round(v, 5) for k, v in train.items()})
+        row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in values.items()})
+        row.update(epoch=epoch + 1, lr=f"{next(iter(self.parts.values()))[0].param_groups[0]['lr']:.3e}")
+        row["epoch_time_s"] = round(time.perf_counter() - t0, 1)
         self.rows.append(row)
-        usable = self._check_finite(epoch, train_loss, result)
-        self._end_epoch(epoch, result if usable else None, row)
+        usable = self._check_finite(epoch, {**train, **values})
+        score = self.task.score
+        if score is None:
+            improved = usable
+        else:
+            improved = usable and row[score] != "" and row[score] > self.best_score
+            if improved:
+                self.best_score = row[score]
+        self._save_epoch(epoch, row, metrics, improved)
         skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
-        if sum(self.bad_count.values()):
-            skipped += f", {self.bad_count['train']} train / {self.bad_count['val']} val unreadable images skipped"
-        if result:
-            self.log(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss "
-                f"{result.loss:.4f}, val mIoU {100 * result.metrics['miou']:.2f}, pixel acc "
-                f"{100 * result.metrics['pixel_accuracy']:.2f} ({row['epoch_time_s']} s{skipped})"
-            )
+        if validated:
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: {self.task.epoch_line(row)}{skipped}")
 
-    def train_epoch(self, epoch: int) -> float:
-        """One pass over the training split (from the resumed batch, if any); returns the mean loss."""
-        cfg, net = self.cfg, self.net
-        net.train()
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training split; the mean of each logged value over every rank's steps."""
+        cfg = self.cfg
+        for model in self.models.values():
+            model.train()
+        loader = self.task.train_loader
         start = self.start_batch if epoch == self.start_epoch else 0  # > 0 only when resuming mid-epoch
-        self.train_sampler.set_epoch(epoch, start)  # the order depends only on (seed, epoch)
-        self.train_set.set_epoch(cfg.seed * 100_003 + epoch)  # so does each sample's augmentation
-        total, count = self.partial_loss if start else (0.0, 0)
-        bar = epoch_bar(self.train_loader, epoch, cfg.epochs, start, self.progress)
-        self.optimizer.zero_grad(set_to_none=True)
-        bad: list[str] = []
+        self.task.set_epoch(epoch, start)
+        sums, count = self.partial if start else ({}, 0)
+        sums = dict(sums)
+        bar = epoch_bar(loader, epoch, cfg.epochs, start, self.progress)
+        for _, optimizer_scheduler in self.parts.items():
+            optimizer_scheduler[0].zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=start):
-            bad += batch["bad"]
-            if batch["image"] is None:
-                if not self.dist.enabled:
-                    continue
-                batch = self._blank_batch()  # every rank must join this step's gradient all-reduce
-            x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["mask"].to(self.device, non_blocking=True)  # [B,H,W] int64
-            boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == start + len(self.train_loader)
-            # DDP averages gradients across ranks on backward; between accumulation steps it need not.
-            sync = contextlib.nullcontext() if boundary or not self.dist.enabled else net.no_sync()  # type: ignore[operator]
-            # --nonfinite skip: the forward pass of a step that is then skipped has already moved
-            # BatchNorm's running statistics (to NaN, when it diverged); this copy puts them back
-            statistics = [b.detach().clone() for b in self.model.buffers()] if cfg.nonfinite == "skip" else []
-            with sync:
-                with autocast(self.device, cfg.amp, cfg.amp_dtype):
-                    logits = net(x)  # [B,K,H,W]
-                loss = self.loss_fn(logits.float(), y)
-                if not self._finite(loss, epoch, i):
-                    self.optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
-                    with torch.no_grad():
-                        for buffer, saved in zip(self.model.buffers(), statistics, strict=True):
-                            buffer.copy_(saved)
-                    continue
-                self.scaler.scale(loss / cfg.accumulate).backward()
-            total += loss.item()
+            boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == start + len(loader)
+            logged = self._step(batch, epoch, i, boundary)
+            if logged is None:
+                continue
+            for k, v in logged.items():
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
             if boundary:
-                self._optimizer_step()
+                self._finish_step()
                 if self._stop_requested():
-                    self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (total, count))
+                    self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (sums, count))
                     raise TrainingStopped(epoch, i + 1)
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        totals = all_reduce_sum(
-            torch.tensor([total, float(count), float(len(bad))], dtype=torch.float64, device=self.device)
-        )
-        self._report_bad(bad, int(totals[2]), "train")
-        return float(totals[0]) / float(totals[1]) if totals[1] else math.nan  # nan: every step was skipped
+            first = next(iter(sums), None)
+            if first is not None:
+                lr = next(iter(self.parts.values()))[0].param_groups[0]["lr"]
+                bar.set_postfix({first: f"{sums[first] / count:.4f}", "lr": f"{lr:.2e}"})
+        names = sorted(sums)  # the same names on every rank: each step logs the same values
+        values = [*(sums[k] for k in names), float(count)]
+        totals = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).cpu()
+        n = float(totals[-1])
+        if not n:  # every step was skipped
+            return dict.fromkeys(self.task.fields[:1], math.nan)
+        return {k: float(v) / n for k, v in zip(names, totals[:-1].tolist(), strict=True)}
 
-    def _blank_batch(self) -> dict[str, Any]:
-        """One all-ignore image: its loss is 0 and its gradients are zero."""
-        h, w = self.card.crop_size
-        return {
-            "image": torch.zeros(1, self.cfg.in_channels, h, w, dtype=torch.uint8),
-            "mask": torch.full((1, h, w), self.spec.ignore_index, dtype=torch.int64),
-        }
+    def _step(self, batch: Any, epoch: int, i: int, boundary: bool) -> dict[str, float] | None:
+        """Run the task's step: backward for each loss it yields, the optimiser of that network at an
+        accumulation boundary. None when the step was skipped (a non-finite loss, no usable images)."""
+        # DDP averages gradients across ranks on backward; between accumulation steps it need not
+        sync = contextlib.ExitStack()
+        if self.dist.enabled and not boundary:
+            for net in self.nets.values():
+                sync.enter_context(net.no_sync())  # type: ignore[operator]
+        # --nonfinite skip: the forward pass of a step that is then skipped has already moved BatchNorm's
+        # running statistics (to NaN, when it diverged); this copy puts them back
+        buffers = [b for m in self.models.values() for b in m.buffers()]
+        statistics = [b.detach().clone() for b in buffers] if self.cfg.nonfinite == "skip" else []
+        logged: dict[str, float] = {}
+        with sync:
+            phases = self.task.step(batch, self.nets)
+            for part, loss, values in phases:
+                if not self._finite(loss, epoch, i):
+                    phases.close()
+                    for optimizer, _ in self.parts.values():
+                        optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
+                    with torch.no_grad():
+                        for buffer, saved in zip(buffers, statistics, strict=True):
+                            buffer.copy_(saved)
+                    return None
+                self.scaler.scale(loss / self.cfg.accumulate).backward()
+                logged.update(values)
+                if boundary:
+                    self._optimizer_step(part)
+        return logged or None
 
-    def _report_bad(self, bad: list[str], total: int, split: str) -> None:
-        """Name each unreadable sample once per run; count them in every epoch."""
-        self.bad_count[split] = total
-        for message in bad:
-            if message not in self.bad_seen:
-                self.bad_seen.add(message)
-                self.log(f"data: skipped ({split}): {message}")  # the mean over every rank's batches
+    def _optimizer_step(self, part: str) -> None:
+        optimizer = self.parts[part][0]
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.models[part].parameters(), self.cfg.grad_clip)
+        self.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    def _finish_step(self) -> None:
+        """After every network's optimiser has stepped: the loss scale, the schedules, the average."""
+        self.scaler.update()
+        for _, scheduler in self.parts.values():
+            scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.shipped)
 
     def _finite(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
         """False (and counted) for a non-finite loss in skip mode; stops the run in stop mode.
@@ -415,97 +485,12 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
         return all_reduce_sum(flag).item() > 0
 
-    def _optimizer_step(self) -> None:
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-
-    def _validate(self) -> EvalResult:
-        model = self.ema.module if self.ema is not None else self.model
-        model.eval()
-        inferencer = Inferencer(
-            model,
-            self.model.mean,
-            self.model.std,
-            self.device,
-            amp=self.cfg.amp,
-            amp_dtype=self.cfg.amp_dtype,
-            channels_last=self.cfg.channels_last,
-        )
-        result = evaluate(
-            inferencer,
-            self.val_loader,
-            num_classes=self.spec.num_classes,
-            ignore_index=self.spec.ignore_index,
-            class_names=self.spec.classes,
-            loss_fn=self.loss_fn,
-            progress=self.progress,
-        )
-        self._report_bad(result.skipped, len(result.skipped), "val")
-        if result.metrics["miou"] is None:
-            raise SeglabError(
-                f"{self.cfg.data}: the val split has no labelled pixels (all are ignore index "
-                f"{self.spec.ignore_index}); check its masks with `seglab data check`"
-            )
-        return result
-
-    # ------------------------------------------------------------------ helpers
-    def _float32_depthwise(self, crop: tuple[int, ...], resume_ckpt: dict[str, Any] | None) -> list[str]:
-        """Under bfloat16 autocast on the CPU, the depthwise convolutions that are faster in
-        float32 run in float32 (see engine/fastpath.py). Measured once per run; a resumed run
-        and every rank use the same layers, so the numerics do not change mid-run. Two fresh
-        runs may choose differently; --deterministic keeps every layer in bfloat16."""
-        cfg = self.cfg
-        if not (cfg.amp and self.device.type == "cpu" and amp_dtype(self.device, cfg.amp_dtype) == torch.bfloat16):
-            return []
-        from seglab.engine.fastpath import depthwise_convs, run_in_float32, tune_depthwise
-
-        if resume_ckpt is not None and "fp32_layers" in resume_ckpt:
-            chosen = list(resume_ckpt["fp32_layers"])
-        elif cfg.deterministic:  # a timing decides the layers, and timings vary: all stay bfloat16
-            chosen = []
-        else:
-            example = torch.zeros(cfg.batch, cfg.in_channels, *crop).contiguous(
-                memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format
-            )
-            chosen = tune_depthwise(self.model, example)
-        names = list(depthwise_convs(self.model))
-        if self.dist.enabled:  # rank 0 decides for everyone
-            flags = torch.tensor([float(n in chosen and self.dist.is_main) for n in names])
-            chosen = [n for n, f in zip(names, all_reduce_sum(flags).tolist(), strict=True) if f > 0]
-        run_in_float32(self.model, chosen)
-        if names:
-            self.log(f"amp: {len(chosen)} of {len(names)} depthwise convolutions run in float32 (faster on this CPU)")
-        return chosen
-
-    def _class_weights(self, samples) -> torch.Tensor | None:
-        method = self.cfg.class_weights
-        if not method or method == "none":
-            return None
-        from seglab.data import class_pixel_counts
-        from seglab.losses import CLASS_WEIGHT_METHODS, class_weights_from_counts
-
-        if method not in CLASS_WEIGHT_METHODS:
-            raise SeglabError(f"--class-weights {method!r}: choose one of none, {', '.join(CLASS_WEIGHT_METHODS)}")
-        counts, image_counts = class_pixel_counts(samples, self.spec)
-        weights = class_weights_from_counts(counts, method, image_counts=image_counts)
-        shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(self.spec.classes, weights, strict=True))
-        self.log(f"loss: {method} class weights from {len(samples)} train masks: {shown}")
-        return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
-
-    def _check_finite(self, epoch: int, train_loss: float, result: EvalResult | None) -> bool:
+    # ------------------------------------------------------------------ after an epoch
+    def _check_finite(self, epoch: int, values: dict[str, Any]) -> bool:
         """A diverged epoch (non-finite losses, weights or BatchNorm statistics) never becomes best.pt:
         it stops the run (``--nonfinite stop``; last.pt and best.pt keep the last good epoch) or is
         logged and left out of the choice of best.pt (``--nonfinite skip``)."""
-        what = [f"train loss {train_loss}"] if not math.isfinite(train_loss) else []
-        if result is not None and result.loss is not None and not math.isfinite(result.loss):
-            what.append(f"val loss {result.loss}")
+        what = [f"{k} {v}" for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
         bad = non_finite(self._shipped_model())
         if bad:
             what.append(f"{len(bad)} weights or statistics non-finite (e.g. {bad[0]})")
@@ -513,94 +498,92 @@ class Trainer:
             return True
         message = f"the run diverged at epoch {epoch + 1}: {', '.join(what)}"
         if self.cfg.nonfinite == "skip":
-            self.log(f"train: {message}; not a candidate for best.pt (--nonfinite skip)")
+            self.log(f"train: {message}; not a candidate for {self.task.best} (--nonfinite skip)")
             return False
         raise SeglabError(
-            f"{message}; weights/last.pt and best.pt keep the last good epoch. Lower --lr, set --grad-clip, "
-            "or pass --nonfinite skip"
+            f"{message}; weights/last.pt and {self.task.best} keep the last good epoch. Lower --lr, set "
+            "--grad-clip, or pass --nonfinite skip"
         )
 
-    def _end_epoch(self, epoch: int, result: EvalResult | None, row: dict[str, Any]) -> None:
-        """Bookkeeping after an epoch: best mIoU everywhere; files on the main rank only."""
-        improved = result is not None and (result.metrics["miou"] or 0.0) > self.best_miou
-        if result is not None and improved:
-            self.best_miou = result.metrics["miou"]
+    def _save_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, Any] | None, improved: bool) -> None:
+        """The files after an epoch, written by the main rank: metrics.csv, TensorBoard, checkpoints, curves."""
+        weights = self.run_dir / "weights"
+        self._save_state(weights / "last.pt", epoch + 1, 0, None, metrics)
+        if self.cfg.save_period and (epoch + 1) % self.cfg.save_period == 0:
+            self._save_state(weights / f"epoch{epoch + 1}.pt", epoch + 1, 0, None, metrics)  # resumable too
         if not self.dist.is_main:
             return
         self._write_csv()
-        for key in ("train_loss", "val_loss", "val_miou"):
-            if row[key] != "" and self.tb is not None:
-                self.tb.add_scalar(key, row[key], epoch + 1)
-        weights = self.run_dir / "weights"
-        self._save_state(weights / "last.pt", epoch + 1, 0, None, result)
-        if self.cfg.save_period and (epoch + 1) % self.cfg.save_period == 0:
-            self._save_state(weights / f"epoch{epoch + 1}.pt", epoch + 1, 0, None, result)  # resumable too
+        for key, value in row.items():
+            if key not in ("epoch", "lr", "epoch_time_s") and isinstance(value, int | float) and self.tb is not None:
+                self.tb.add_scalar(key, value, epoch + 1)
         if improved:
-            lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": result.metrics if result else None}
-            save_checkpoint(
-                weights / "best.pt",
-                make_payload(self._shipped_model(), self.card, pruned=self.pruned, **lean),
-            )
+            lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": metrics}
+            save_checkpoint(weights / self.task.best, {**self.task.payload(self._shipped_model()), **lean})
         if self.cfg.plots:
-            plot_curves(self.rows, self.run_dir / "curves.png")
+            plot_curves(self.rows, self.run_dir / "curves.png", **self.task.curves)
+        self.task.after_epoch(self.run_dir, epoch, self._shipped_model())
 
     def _shipped_model(self) -> nn.Module:
         """The weights that are evaluated and saved for use: the EMA ones when EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.shipped
 
+    # ------------------------------------------------------------------ state
     def _save_state(
         self,
         path: Path,
         epochs_done: int,
         batch_in_epoch: int,
-        partial_loss: tuple[float, int] | None,
-        result: EvalResult | None = None,
+        partial: tuple[dict[str, float], int] | None,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
-        """A resumable checkpoint after ``epochs_done`` whole epochs and ``batch_in_epoch`` more batches."""
+        """A resumable checkpoint after ``epochs_done`` whole epochs and ``batch_in_epoch`` more batches.
+        Every rank calls it (each rank's random generators are saved); the main rank writes it."""
+        rng = gather_objects([rng_state()])  # a rank's dropout and noise draws are its own
         if not self.dist.is_main:
             return
+        train = {
+            name: {"model": self.models[name].state_dict(), "optimizer": opt.state_dict(), "scheduler": s.state_dict()}
+            for name, (opt, s) in self.parts.items()
+        }
         state = {
             "config": to_dict(self.cfg),
             "epoch": epochs_done,
             "batch_in_epoch": batch_in_epoch,
-            "partial_loss": partial_loss,
-            "metrics": result.metrics if result else None,
-            "best_miou": self.best_miou,
+            "partial": list(partial) if partial else None,
+            "metrics": metrics,
+            "best_score": self.best_score,
             "skipped_steps": self.skipped_steps,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "train": train,
             "scaler": self.scaler.state_dict(),
-            "train_model": self.model.state_dict(),
-            "fp32_layers": self.fp32_layers,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": rng_state(),
+            "task_state": self.task.state(),
+            "rng": rng,
             "rows": self.rows,
         }
-        payload = make_payload(self._shipped_model(), self.card, pruned=self.pruned, **state)
-        save_checkpoint(path, payload, keep_previous=True)
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        with training_state(self.cfg.resume):
-            self._load_state(ckpt)
-        where = f", batch {self.start_batch + 1}" if self.start_batch else ""
-        self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.cfg.epochs}{where}")
+        save_checkpoint(path, {**self.task.payload(self._shipped_model()), **state}, keep_previous=True)
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["train_model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for name, (optimizer, scheduler) in self.parts.items():
+            saved = ckpt["train"][name]
+            self.models[name].load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        restore_rng(ckpt["rng"])
-        self.start_epoch, self.best_miou = ckpt["epoch"], ckpt["best_miou"]
+        self.task.load_state(ckpt.get("task_state") or {})
+        states = ckpt["rng"]  # one per rank; a run resumed on fewer or more ranks starts theirs from rank 0's
+        restore_rng(states[self.dist.rank] if self.dist.rank < len(states) else states[0])
+        self.start_epoch, self.best_score = ckpt["epoch"], ckpt["best_score"]
         self.start_batch = ckpt.get("batch_in_epoch", 0)
-        self.partial_loss = tuple(ckpt.get("partial_loss") or (0.0, 0))
+        sums, count = ckpt.get("partial") or ({}, 0)
+        self.partial = (dict(sums), int(count))
         self.skipped_steps = ckpt.get("skipped_steps", 0)
         self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
 
     def _write_csv(self) -> None:
-        write_csv(self.run_dir / "metrics.csv", CSV_FIELDS, self.rows)
+        write_csv(self.run_dir / "metrics.csv", self.fields, self.rows)
 
 
 def epoch_bar(loader, epoch: int, epochs: int, start: int, progress: bool) -> tqdm:

@@ -9,14 +9,13 @@ their evaluation (segmenter fidelity, FID/KID) and synthetic training pairs for 
 
 from seglab.gen.models import CONDITIONAL, GEN_MODELS, GenCard
 from seglab.gen.sample import Generator, augment, sample_folder
-from seglab.gen.trainer import GenConfig, GenTrainer, train_generator
+from seglab.gen.trainer import GenConfig, train_generator
 
 __all__ = [
     "CONDITIONAL",
     "GEN_MODELS",
     "GenCard",
     "GenConfig",
-    "GenTrainer",
     "Generator",
     "augment",
     "sample_folder",

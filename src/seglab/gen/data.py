@@ -56,11 +56,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class PairDataset(Dataset):
-    """``{"image": uint8 [3, H, W], "labels": uint8 [H, W], "index"}`` at one size, decoded once."""
+    """``{"image": uint8 [3, H, W], "labels": uint8 [H, W], "index"}`` at one size, decoded once;
+    flipped together with probability ``hflip``, drawn from (epoch seed, index) only."""
 
-    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec, size: Sequence[int]) -> None:
-        self.samples, self.spec, self.size = list(samples), spec, list(size)
+    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec, size: Sequence[int], hflip: float = 0.0) -> None:
+        self.samples, self.spec, self.size, self.hflip = list(samples), spec, list(size), hflip
         self._cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.samples)
+        self.epoch_seed = 0
+
+    def set_epoch(self, seed: int) -> None:
+        self.epoch_seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,6 +87,10 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, labels = self.read(index)
+        if self.hflip:
+            g = torch.Generator().manual_seed(self.epoch_seed * 1_000_003 + index)
+            if torch.rand(1, generator=g).item() < self.hflip:
+                image, labels = image.flip(-1), labels.flip(-1)
         return {"image": image, "labels": labels, "index": index}
 
 

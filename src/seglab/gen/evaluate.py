@@ -200,10 +200,10 @@ def segmentation_scores(
     trust: bool = False,
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of ``segmenter`` on the generated images and on the real ones."""
-    from seglab.api import load
+    from seglab.api import SegModel, load
 
     model = load(segmenter, trust=trust)
-    if getattr(model, "task", "semantic") != "semantic" or list(model.classes) != list(classes):
+    if not isinstance(model, SegModel) or list(model.classes) != list(classes):
         raise SeglabError(
             f"--segmenter {segmenter}: it must be a semantic model of the same classes ({', '.join(classes)})"
         )
@@ -211,7 +211,7 @@ def segmentation_scores(
     for name, images in (("generated", fake), ("real", real)):
         cm = ConfusionMatrix(len(classes), ignore_index)
         arrays = [im.permute(1, 2, 0).numpy() for im in images]
-        for result, target in zip(model.predict(arrays, batch=batch), labels, strict=True):
+        for result, target in zip(model.iter_predict(arrays, batch=batch), labels, strict=True):
             cm.update(torch.from_numpy(result.mask), target)
         scores[name] = cm.compute(classes)
     return scores

@@ -77,6 +77,17 @@ class CocoAccumulator:
                 ann["segmentation"] = rles[i]
             self.annotations.append(ann)
 
+    def gather(self) -> None:
+        """Under torchrun, every rank's images, objects and detections, on every rank (the same
+        COCOeval as one process scoring them all); a no-op in one process."""
+        from seglab.engine.distributed import gather_objects
+
+        images, annotations, results = (gather_objects(part) for part in (self.images, self.annotations, self.results))
+        if len(images) == len(self.images):
+            return
+        self.images, self.results = images, results
+        self.annotations = [{**a, "id": i} for i, a in enumerate(annotations, start=1)]  # ids unique again
+
     def add_prediction(self, image_id: int, detections: Detections) -> None:
         """One image's objects (``predictor.detect`` bounds them to what COCOeval scores)."""
         self.results += to_coco_results(image_id, detections, masks=self.masks)
@@ -153,14 +164,19 @@ def evaluate_detector(
 ) -> DetectionEval:
     """Run the detector over ``dataset`` (images at their own size) and score it with COCOeval.
 
-    Mixed precision is the model's own (``models.mixed_precision``), not set here."""
-    from torch.utils.data import DataLoader
+    Under torchrun each rank runs every world-th image and COCOeval scores the gathered detections,
+    so the metrics equal one process's. Mixed precision is the model's own (``models.mixed_precision``)."""
+    from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
+
+    from seglab.engine.distributed import current, gather_objects
 
     model.eval()
     has_masks = bool(model.roi_heads.has_mask())
     acc = CocoAccumulator(dataset.spec.classes, masks=has_masks)
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_instances)
+    dist = current()
+    share = Subset(dataset, range(dist.rank, len(dataset), dist.world))
+    loader = DataLoader(share, batch_size=batch, num_workers=workers, collate_fn=collate_instances)
     results: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         xs = [im.to(device).float().div_(255) for im in images]
@@ -179,7 +195,8 @@ def evaluate_detector(
             acc.results += entries
             coco_id = dataset.samples[index].coco_id
             results += [{**e, "image_id": coco_id if coco_id is not None else index} for e in entries]
-    return DetectionEval(acc.compute(), results)
+    acc.gather()
+    return DetectionEval(acc.compute(), gather_objects(results))
 
 
 def to_coco_results(image_id: int, detections: Detections, *, masks: bool = True) -> list[dict[str, Any]]:

@@ -15,11 +15,12 @@ probabilities. In train mode it returns its dict of losses.
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,23 +144,24 @@ def mixed_precision(model: FasterRCNN, device_type: str, dtype: torch.dtype) -> 
     dtype of the predicted offsets, and bfloat16 holds a coordinate near 500 only to within 2-4
     pixels, so boxes collapse to zero width and the box loss becomes NaN within a few steps.
     The convolutions that cost the time are the backbone's; the box arithmetic is cheap.
-    The wrapped forwards return float32, and the parameters (state_dict keys) do not change."""
+    The wrapped forwards return float32, and the parameters (state_dict keys) do not change; a deep
+    copy (EMA) runs its own forward."""
     parts = [model.backbone]
     if getattr(model.roi_heads, "mask_head", None) is not None:
         parts.append(model.roi_heads.mask_head)
     for part in parts:
-        part.forward = _autocast_forward(part.forward, device_type, dtype)
+        part.amp = (device_type, dtype)  # read by the bound forward below, so a deep copy (EMA) keeps it
+        part.forward = types.MethodType(_autocast_forward, part)
 
 
-def _autocast_forward(forward, device_type: str, dtype: torch.dtype):
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype):
-            out = forward(*args, **kwargs)
-        if isinstance(out, dict):
-            return OrderedDict((k, v.float()) for k, v in out.items())
-        return out.float()
-
-    return run
+def _autocast_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module``'s own forward under autocast, returning float32."""
+    device_type, dtype = cast(tuple[str, torch.dtype], module.amp)
+    with torch.autocast(device_type, dtype=dtype):
+        out = type(module).forward(module, *args, **kwargs)
+    if isinstance(out, dict):
+        return OrderedDict((k, v.float()) for k, v in out.items())
+    return out.float()
 
 
 def build_detector(spec: DetectorSpec, *, download: bool = True) -> FasterRCNN:

@@ -11,6 +11,7 @@ r.semantic()        # (H, W) class indices: the instances painted into a semanti
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.predictor import Result, atomic_save
 from seglab.errors import SeglabError
+from seglab.files import atomic_path
 from seglab.instance.models import DETECTIONS_PER_IMAGE
 
 
@@ -43,13 +46,23 @@ class Detections:
         return len(self.labels)
 
 
-@dataclass
-class InstanceResult:
+@dataclass(repr=False)
+class InstanceResult(Result):
+    """A detector's prediction: the objects found, highest score first."""
+
     image: np.ndarray  # (H, W, C) uint8, as read
     instances: Detections
     classes: list[str]
     colors: list[tuple[int, int, int]]
     path: Path | None = None
+
+    @property
+    def task(self) -> str:  # type: ignore[override]
+        return "detect" if self.instances.masks is None else "instance"
+
+    def summary(self) -> str:
+        counts = Counter(self.instances.names)
+        return ", ".join(f"{n} {name}" for name, n in counts.most_common()) or "no objects"
 
     def semantic(self) -> np.ndarray:
         """(H, W) class indices (uint8; uint16 past 256 classes), 0 = background; where objects overlap,
@@ -88,7 +101,14 @@ class InstanceResult:
             image = draw_bounding_boxes(image, torch.from_numpy(inst.boxes), labels=text, colors=colors, width=2)
         return image.permute(1, 2, 0).numpy()
 
-    def to_json(self) -> list[dict[str, Any]]:
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": str(self.path) if self.path else None,
+            "size": list(self.image.shape[:2]),
+            "instances": self.objects(),
+        }
+
+    def objects(self) -> list[dict[str, Any]]:
         """One dict per object: class, label, score, box [x1, y1, x2, y2], mask as COCO RLE."""
         from seglab.instance.evaluate import rle_encode
 
@@ -113,17 +133,19 @@ class InstanceResult:
 
         return to_coco_results(image_id, self.instances)
 
-    def save(self, out_dir: str | Path, *, name: str | None = None, alpha: float = 0.5) -> Path:
-        """overlays/<name>.png (the plot), labels/<name>.json and, for masks, masks/<name>.png (instance ids)."""
+    def save(self, out_dir: str | Path, *, name: str | None = None, alpha: float = 0.5) -> dict[str, Path]:
+        """overlays/<name>.png (the plot), labels/<name>.json and, for masks, masks/<name>.png (instance
+        ids); each file whole or not at all."""
         out = Path(out_dir)
-        stem = name or (self.path.stem if self.path else "image")
-        for sub in ("overlays", "labels") + (("masks",) if self.instances.masks is not None else ()):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(alpha=alpha)).save(out / "overlays" / f"{stem}.png")
-        (out / "labels" / f"{stem}.json").write_text(json.dumps(self.to_json()))
+        stem = name or self.stem
+        written = {"overlay": out / "overlays" / f"{stem}.png", "labels": out / "labels" / f"{stem}.json"}
+        atomic_save(Image.fromarray(self.plot(alpha=alpha)), written["overlay"])
+        with atomic_path(written["labels"]) as tmp:
+            tmp.write_text(json.dumps(self.objects()))
         if self.instances.masks is not None:
-            Image.fromarray(self.instance_ids()).save(out / "masks" / f"{stem}.png")
-        return out / "overlays" / f"{stem}.png"
+            written["mask"] = out / "masks" / f"{stem}.png"
+            atomic_save(Image.fromarray(self.instance_ids()), written["mask"])
+        return written
 
 
 class DetectorModel:
@@ -174,20 +196,11 @@ class DetectorModel:
     def iter_predict(
         self, sources: Sequence[str | Path | np.ndarray], *, conf: float = 0.25, batch: int = 1
     ) -> Iterator[InstanceResult]:
-        from seglab.data.io import read_image
+        from seglab.engine.predictor import read_batches
 
         if not 0 <= conf <= 1:
             raise SeglabError(f"predict: --conf {conf}: use a score between 0 and 1")
-        pending: list[tuple[np.ndarray, Path | None]] = []
-        for item in sources:
-            if isinstance(item, np.ndarray):
-                pending.append((item if item.ndim == 3 else item[..., None].repeat(3, -1), None))
-            else:
-                pending.append((read_image(item, 3), Path(item)))
-            if len(pending) == batch:
-                yield from self._predict_batch(pending, conf)
-                pending = []
-        if pending:
+        for pending in read_batches(sources, batch, 3):
             yield from self._predict_batch(pending, conf)
 
     def _predict_batch(self, items: list[tuple[np.ndarray, Path | None]], conf: float) -> Iterator[InstanceResult]:

@@ -151,7 +151,7 @@ def instances_json(result: InstanceResult, **extra: Any) -> bytes:
     """A detector's JSON answer: the image size, each class's object count (``classes``, background
     left out), the objects, then ``extra``.
 
-    ``instances`` is what `seglab predict` writes to labels/*.json (``InstanceResult.to_json``):
+    ``instances`` is what `seglab predict` writes to labels/*.json (``InstanceResult.objects``):
     ``class``, ``label`` (the class index), ``score``, ``box`` [x1, y1, x2, y2] in the image's
     pixels and, for Mask R-CNN, ``mask`` as COCO RLE (``pycocotools.mask.decode`` reads it)."""
     counts = np.bincount(result.instances.labels, minlength=len(result.classes))
@@ -163,7 +163,7 @@ def instances_json(result: InstanceResult, **extra: Any) -> bytes:
             for i, (name, color, n) in enumerate(zip(result.classes, result.colors, counts, strict=False))
             if i > 0
         ],
-        "instances": result.to_json(),
+        "instances": result.objects(),
         **extra,
     }
     return json.dumps(answer).encode()

@@ -87,6 +87,13 @@ class DetectorTask:
         return image_png(result.plot())
 
 
+SERVE_TASKS: dict[str, type[SemanticTask] | type[DetectorTask]] = {
+    "semantic": SemanticTask,
+    "instance": DetectorTask,
+    "detect": DetectorTask,
+}
+
+
 def serve_task(model: Any) -> SemanticTask | DetectorTask:
     """The task of a loaded model, by its card (``semantic``, ``instance`` or ``detect``)."""
-    return SemanticTask(model) if model.card.task == "semantic" else DetectorTask(model)
+    return SERVE_TASKS[model.card.task](model)

@@ -217,7 +217,7 @@ def train_val_splits(
     without one scores nothing. ``labelled(sample)`` says whether a sample's mask has one; by default
     the masks are read until one does (normally the first). ``data check`` passes what it already read.
     """
-    _refuse_shards(spec, "training straight from shards is not wired into this trainer yet (it lists files)")
+    _refuse_shards(spec, "detectors and generators do not train from shards yet (semantic models do)")
     train = get_split(spec, "train", val_fraction=val_fraction, seed=seed)
     val = get_split(spec, "val", val_fraction=val_fraction, seed=seed)
     if limit:

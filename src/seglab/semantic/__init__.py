@@ -1,0 +1,1 @@
+"""Semantic segmentation: a class per pixel. Its training task and its predictor."""
