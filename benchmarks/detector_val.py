@@ -3,7 +3,7 @@
 against the new one (the top 100 scoring at least 0.05, pasted over their boxes only, one
 pycocotools call per image), measured on the same model outputs in one run.
 
-    python benchmarks/detector_val.py [--weights best.pt] [--data ../shared/data/facade_coco] [--limit 84]
+    python benchmarks/detector_val.py [--weights best.pt] [--data D] [--limit 84] [--threads 1] [--out F.json]
 
 Without --weights it first trains one (`seglab train --task instance --img-size 256 --epochs 1
 --limit 100 --val-fraction 0.21`, resnet50 from scratch; 10-30 minutes on 2 CPUs). The images are
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "facade_coco"))
     parser.add_argument("--limit", type=int, default=84)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--out", help="the JSON written (default: results/detector_val_<threads>threads.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +183,7 @@ def run(weights: Path, args: argparse.Namespace) -> None:
             cells = " | ".join("-" if stats[kind][c] is None else f"{100 * stats[kind][c]:.2f}" for c in STAT_NAMES[:6])
             print(f"| {kind} {label} | {cells} |")
     write_result(
-        ROOT / "benchmarks" / "results" / f"detector_val_{torch.get_num_threads()}threads.json",
+        args.out or ROOT / "benchmarks" / "results" / f"detector_val_{torch.get_num_threads()}threads.json",
         weights=str(weights),
         images=n,
         detections_per_image={"mean": float(np.mean(counts)), "max": int(max(counts))},

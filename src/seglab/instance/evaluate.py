@@ -9,9 +9,9 @@ the predictions are turned into COCO results (boxes as x, y, w, h; masks as RLE 
 COCOeval is fed what it scores, as COCO-style evaluators bound it (torchvision's references,
 detectron2): per image the ``MAX_DETS`` (COCO's maxDets, 100) highest-scoring detections of those
 scoring at least ``MIN_SCORE``, their masks pasted over their boxes only and encoded in one
-pycocotools call per image. A barely trained Mask R-CNN returns its full 100 low-score objects per
-image; torchvision pasting each into a float canvas the image's size took a quarter of
-``seglab val`` (benchmarks/detector_val.py).
+pycocotools call per image. A barely trained Mask R-CNN returns tens to 100 low-score objects per
+image, and torchvision pasting each into a float canvas the image's size had taken a quarter to
+two fifths of ``seglab val`` (benchmarks/detector_val.py, benchmarks/README.md section 6).
 """
 
 from __future__ import annotations
