@@ -160,6 +160,35 @@ def test_elastic_restart_resumes_by_itself_and_ends_bit_identical(tmp_path):
     ]
 
 
+REJOIN = """
+import os, sys, time
+import torch.distributed as dist
+from seglab.engine.distributed import init_distributed
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 0:
+    time.sleep(5)  # the restarted rank 1 reaches the store first, where attempt 0's rank 0 left its address
+init_distributed("cpu", timeout_s=60)
+dist.barrier()
+if attempt == 0 and rank == 1:
+    os._exit(1)  # rank 1 dies: the agent restarts both
+if attempt == 0:
+    time.sleep(60)
+print(f"attempt {attempt} rank {rank} joined", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_restarted_workers_do_not_connect_to_the_last_attempts_addresses(tmp_path):
+    """torchrun keeps one store across elastic restarts; a restarted rank that read the address its dead
+    peer published in the last attempt failed with "Connection refused" (CI, 2026-12-02). The race
+    is timing-bound (about half of these runs failed before the fix), so it runs twice."""
+    (tmp_path / "rejoin.py").write_text(REJOIN)
+    for _ in range(2):
+        cmd = [*RUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "rejoin.py"]
+        output = run(cmd, tmp_path, timeout=180).stdout
+        assert "attempt 1 rank 0 joined" in output and "attempt 1 rank 1 joined" in output, output
+
+
 def test_detector_val_on_two_ranks_scores_the_gathered_detections(tmp_path, facades):
     """COCO AP under torchrun is computed on every rank's detections together: the same metrics and the
     same detections as one process (a random-weight detector finds dozens of objects per image)."""

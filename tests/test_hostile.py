@@ -117,13 +117,16 @@ def test_broken_png_files_in_predict(tiny_run, tmp_path, content, reason):
     assert not (tmp_path / "runs/predict").exists() or not any((tmp_path / "runs/predict").rglob("*.png"))
 
 
+# VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a child of a pytest process grown to
+# 4 GB over the suite reported 4 GB before it had done anything (CI, 2026-12-02)
 PEAK_RSS = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = ["seglab", *sys.argv[1:]]
 try:
     runpy.run_module("seglab", run_name="__main__")
 finally:
-    print(f"peak-rss-kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"peak-rss-kb {peak}", file=sys.stderr)
 """
 
 

@@ -45,7 +45,14 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            timeout = timedelta(seconds=timeout_s)
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+            # torchrun keeps one store across elastic restarts: without keys of its own, a restarted
+            # worker can read the address a dead worker of the last attempt left there, and fail
+            # to connect ("Connection refused")
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"seglab/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         except (RuntimeError, ValueError) as e:
             raise SeglabError(
                 f"could not join the torch.distributed group (rank {rank} of {world}): "

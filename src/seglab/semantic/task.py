@@ -126,8 +126,6 @@ class SemanticTask(Task):
         self.train_set: Any
         self.val_set: Any
         spec = self.spec = resolve_dataset(cfg.data, cache_dir=cfg.data_cache, progress=self.trainer.progress)
-        for note in spec.notes:
-            self.log(f"data: {note}")
         if isinstance(spec, ShardSpec):  # streamed: each rank and worker reads shards of its own
             if cfg.class_weights not in (None, "none"):
                 raise SeglabError(
@@ -139,6 +137,8 @@ class SemanticTask(Task):
             train: list = []
         else:
             train = self._folder_data(spec)
+        for note in spec.notes:  # after the splits: a held-out val is one of them
+            self.log(f"data: {note}")
         self.bad: list[str] = []  # unreadable training samples since the last report
         self.bad_seen: set[str] = set()  # those already named in the log
         self.bad_count = {"train": 0, "val": 0}
