@@ -7,6 +7,7 @@ at scores near 0.09, which is plenty to compare object by object."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -175,6 +176,35 @@ def test_exported_detector_predicts_what_the_checkpoint_does(mask_onnx, images):
     assert np.abs(got.instances.boxes - expected.instances.boxes).max() < 0.01
     assert np.abs(got.instances.scores - expected.instances.scores).max() < 1e-4
     assert (got.instances.masks == expected.instances.masks).mean() > 0.999
+
+
+def test_serve_runs_the_onnx_and_answers_the_checkpoints_objects(mask_onnx, images, tmp_path):
+    """`seglab serve --weights detector.onnx`: ONNX Runtime behind the server, JSON objects as the
+    checkpoint finds them, and the drawn PNG."""
+    from test_serve import png_bytes, start_server, stop_server
+    from test_serve_detector import decode_mask
+
+    weights, onnx_file = mask_onnx
+    photo = np.asarray(Image.open(sorted(images.iterdir())[0]).convert("RGB"))
+    server = start_server(onnx_file, tmp_path / "serve.log")
+    try:
+        model = server.request("GET", "/model").json()
+        answer = server.predict(png_bytes(photo), "?format=json&conf=0.05")
+        drawn = server.predict(png_bytes(photo), "?conf=0.05")
+    finally:
+        stop_server(server)
+    assert (model["task"], model["arch"]) == ("instance", "maskrcnn")
+    assert answer.status == 200 and drawn.status == 200, answer.body[:300]
+    assert drawn.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(drawn.body)).size == photo.shape[1::-1]
+    got = answer.json()["instances"]
+    expected = seglab.load(weights, device="cpu").predict(photo, conf=0.05).objects()
+    assert len(got) == len(expected) == 100
+    assert [o["class"] for o in got] == [o["class"] for o in expected]
+    assert np.abs(np.array([o["box"] for o in got]) - np.array([o["box"] for o in expected])).max() <= 0.05
+    assert np.abs(np.array([o["score"] for o in got]) - np.array([o["score"] for o in expected])).max() < 1e-4
+    agree = [(decode_mask(a["mask"]) == decode_mask(b["mask"])).mean() for a, b in zip(got, expected, strict=True)]
+    assert min(agree) > 0.99
 
 
 # ------------------------------------------------------------------- exports that lie are refused

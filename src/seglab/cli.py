@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import functools
 import signal
 import sys
 import threading
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from seglab.config import TrainConfig, field_help
@@ -336,12 +335,7 @@ def _val(args: argparse.Namespace) -> int:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
     if model.card.task in DETECTOR_TASKS:
         return _val_detector(model, data, args)
-    from seglab.data.shards import evaluate_shards, is_shard_source
-
-    evaluate: Callable[..., typing.Any] = (
-        functools.partial(evaluate_shards, model) if is_shard_source(data) else model.evaluate
-    )
-    result = evaluate(
+    result = model.evaluate(
         data,
         split=args.split,
         tta=args.tta,

@@ -652,61 +652,6 @@ def _common(cfg: Any, rank: int, world: int) -> dict[str, Any]:
     )
 
 
-def evaluate_shards(
-    model: Any,
-    data: str | Path,
-    *,
-    split: str = "val",
-    tta: bool = False,
-    slide: bool = False,
-    batch: int = 4,
-    workers: int = 2,
-    limit: int | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    progress: bool = True,
-    data_cache: str | Path | None = None,
-    strict_data: bool = False,
-) -> Any:
-    """``SegModel.evaluate`` on a shard set, with its arguments (``data_cache`` is unused: shards are not
-    downloaded); an EvalResult. Under torchrun each rank scores its share of the shards."""
-    from seglab.data.transforms import EvalTransform
-    from seglab.engine.distributed import init_distributed
-    from seglab.engine.evaluator import evaluate
-
-    spec = resolve_shards(data)
-    card = model.card
-    if spec.num_classes != card.num_classes:
-        raise SeglabError(
-            f"{data} has {spec.num_classes} classes but the model was trained on {card.num_classes}; "
-            "evaluate on data with the same classes"
-        )
-    dist = init_distributed(model.device.type)
-    _, loader = shard_loader(
-        spec,
-        split,
-        EvalTransform(card.img_size),
-        batch=batch,
-        workers=workers,
-        rank=dist.rank,
-        world=dist.world,
-        seed=seed,
-        val_fraction=val_fraction,
-        limit=limit,
-        in_channels=card.in_channels,
-        skip_bad=not strict_data,
-    )
-    return evaluate(
-        model.inferencer(tta=tta, slide=slide),
-        loader,
-        num_classes=spec.num_classes,
-        ignore_index=spec.ignore_index,
-        class_names=card.classes,
-        progress=progress,
-        desc=f"val {split}",
-    )
-
-
 # --------------------------------------------------------------------------- writing shards
 
 
@@ -796,7 +741,6 @@ __all__ = [
     "ShardSpec",
     "build_train_data",
     "build_val_data",
-    "evaluate_shards",
     "is_shard_source",
     "pack_dataset",
     "resolve_shards",

@@ -174,51 +174,52 @@ class SegModel:
         data_cache: str | Path | None = None,
         strict_data: bool = False,
     ) -> EvalResult:
-        """Score the model on a split: one confusion matrix over every labelled pixel.
+        """Score the model on a split (of a folder or a shard set): one confusion matrix over every
+        labelled pixel.
 
-        Under torchrun each rank scores every world-th image and the counts are summed, so the
-        metrics equal a single process's exactly."""
+        Under torchrun each rank scores every world-th image (or its share of the shards) and the
+        counts are summed, so the metrics equal a single process's exactly."""
         from seglab.data import (
             EpochSampler,
             EvalTransform,
             SegmentationDataset,
+            ShardSpec,
             build_loader,
             get_split,
             resolve_dataset,
+            shard_loader,
         )
         from seglab.engine.distributed import init_distributed
 
+        card = self.card
         spec = resolve_dataset(data, cache_dir=data_cache, progress=progress)
-        if spec.num_classes != self.card.num_classes:
+        if spec.num_classes != card.num_classes:
             raise SeglabError(
-                f"{data} has {spec.num_classes} classes but the model was trained on {self.card.num_classes} "
-                f"({', '.join(self.card.classes)}); evaluate on data with the same classes"
+                f"{data} has {spec.num_classes} classes but the model was trained on {card.num_classes} "
+                f"({', '.join(card.classes)}); evaluate on data with the same classes"
             )
-        samples = get_split(spec, split, val_fraction=val_fraction, seed=seed)[:limit]
-        dataset = SegmentationDataset(
-            samples,
-            spec,
-            EvalTransform(self.card.img_size),
-            in_channels=self.card.in_channels,
-            skip_bad=not strict_data,
-        )
         dist = init_distributed(self.device.type)
-        loader = build_loader(
-            dataset,
-            sampler=EpochSampler(len(dataset), batch=batch, shuffle=False, rank=dist.rank, world=dist.world),
-            batch=batch,
-            shuffle=False,
-            workers=workers,
-            ignore_index=spec.ignore_index,
-            seed=seed,
-            drop_last=False,
-        )
+        transform = EvalTransform(card.img_size)
+        common = dict(batch=batch, workers=workers, seed=seed)
+        if isinstance(spec, ShardSpec):
+            _, loader = shard_loader(
+                spec, split, transform, rank=dist.rank, world=dist.world, val_fraction=val_fraction, limit=limit,
+                in_channels=card.in_channels, skip_bad=not strict_data, **common,
+            )  # fmt: skip
+        else:
+            samples = get_split(spec, split, val_fraction=val_fraction, seed=seed)[:limit]
+            skip_bad = not strict_data
+            dataset = SegmentationDataset(samples, spec, transform, in_channels=card.in_channels, skip_bad=skip_bad)
+            sampler = EpochSampler(len(dataset), batch=batch, shuffle=False, rank=dist.rank, world=dist.world)
+            loader = build_loader(
+                dataset, sampler=sampler, shuffle=False, ignore_index=spec.ignore_index, drop_last=False, **common
+            )
         return evaluate(
             self.inferencer(tta=tta, slide=slide),
             loader,
             num_classes=spec.num_classes,
             ignore_index=spec.ignore_index,
-            class_names=self.card.classes,
+            class_names=card.classes,
             progress=progress,
             desc=f"val {split}",
         )
