@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,10 @@ def test_end_to_end_on_camvid(tmp_path, shared_data):
     assert (tmp_path / "runs/val/exp/confusion_matrix.png").is_file()
 
     image = camvid / "val" / sorted(p.name for p in (camvid / "val").iterdir())[0]
-    proc = seglab("predict", "--weights", run / "weights/best.pt", "--source", image, "--conf", cwd=tmp_path)
+    proc = seglab("predict", "--weights", run / "weights/best.pt", "--source", image, "--save-conf", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.splitlines()[0]  # one line per image: name, size, the classes it covers most, time
+    assert re.fullmatch(rf"{image.name} 480x360: ([\w-]+ \d+%, ){{0,2}}[\w-]+ \d+%, \d+ ms", line), line
     mask = Image.open(tmp_path / "runs/predict/exp/masks" / f"{image.stem}.png")
     assert mask.mode == "P" and mask.size == (480, 360)
     assert np.asarray(mask).max() <= 10
@@ -369,7 +372,7 @@ def test_the_fast_path_predicts_what_float32_predicts(trained, shapes):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())  # folded
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())
     paths = sorted((shapes / "images" / "val").glob("*.png"))
-    for a, b in zip(exact.predict(paths, confidence=True), fast.predict(paths, batch=3), strict=True):
+    for a, b in zip(exact.predict(paths, save_conf=True), fast.predict(paths, batch=3), strict=True):
         assert (a.mask == b.mask).mean() > 0.98
         assert a.confidence is not None and b.confidence is None  # no softmax unless asked
     m_exact = exact.evaluate(shapes, workers=0, progress=False).metrics["miou"]

@@ -148,7 +148,7 @@ def test_val_on_the_onnx_gives_the_checkpoints_detections(mask_onnx, tmp_path):
 def test_predict_on_the_onnx_writes_the_checkpoints_files(mask_onnx, images, tmp_path):
     weights, onnx_file = mask_onnx
     for name, file in (("pt", weights), ("onnx", onnx_file)):
-        args = ["predict", "--weights", str(file), "--source", str(images), "--min-score", "0.05"]
+        args = ["predict", "--weights", str(file), "--source", str(images), "--conf", "0.05"]
         assert main([*args, "--out", str(tmp_path / name)]) == 0
     files = {
         name: sorted(str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).rglob("*.*"))
@@ -250,7 +250,7 @@ def semantic_shape(meta: dict) -> dict:
 def test_an_onnx_whose_card_lies_is_refused_in_one_line(mask_onnx, images, tmp_path, capsys, change, says):
     hostile = with_card(mask_onnx[1], tmp_path / "hostile.onnx", change)
     args = ["--weights", hostile, "--out", tmp_path / "out"]
-    message = in_process_error(capsys, "predict", *args, "--source", images, "--min-score", "0.05")
+    message = in_process_error(capsys, "predict", *args, "--source", images, "--conf", "0.05")
     assert "hostile.onnx" in message and says in message, message
     assert not (tmp_path / "out").exists()
 

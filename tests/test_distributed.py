@@ -55,7 +55,7 @@ def test_two_processes_match_one(tmp_path, shapes):
     two = run([*TORCHRUN, "-m", "seglab", *common, "--batch", "2", "--name", "two"], tmp_path)
     assert "effective batch 4 = batch 4 x 1 process(es)" in one.stdout
     assert "effective batch 4 = batch 2 x 2 process(es)" in two.stdout
-    assert two.stdout.count("epoch 10/10") == 1  # only rank 0 speaks
+    assert two.stdout.count("epoch 10/10:") == 1  # only rank 0 speaks
     a, b = last_row(tmp_path / "runs/train/one"), last_row(tmp_path / "runs/train/two")
     assert abs(float(a["val_miou"]) - float(b["val_miou"])) <= 0.06, (a, b)
     assert abs(float(a["val_pixel_accuracy"]) - float(b["val_pixel_accuracy"])) <= 0.04, (a, b)

@@ -93,7 +93,7 @@ def test_stop_kill_and_resume_end_where_an_uninterrupted_run_ends(tmp_path, data
 
     # kill -9 inside epoch 2: the resume replays it from epoch 1's last.pt
     proc = start(task_args(task, data, "killed"), tmp_path)
-    wait_for(proc, "epoch 1/2")
+    wait_for(proc, "epoch 1/2:")
     proc.kill()
     proc.communicate(timeout=60)
     last = runs / "killed/weights/last.pt"

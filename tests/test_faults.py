@@ -131,7 +131,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path, shapes, straight)
 
 def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(tmp_path, shapes, straight):
     proc = start(train_args(shapes, "killed"), tmp_path)
-    wait_for(proc, "epoch 1/3")  # epoch 1 is saved; kill somewhere inside epoch 2
+    wait_for(proc, "epoch 1/3:")  # epoch 1 is saved; kill somewhere inside epoch 2
     time.sleep(random.uniform(0.0, 0.6))
     proc.kill()
     proc.communicate(timeout=60)

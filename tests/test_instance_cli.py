@@ -82,7 +82,7 @@ def test_predict_saves_overlays_masks_labels_and_coco_json(instance_run: Path, f
         (src / image.name).symlink_to(image)
     out = tmp_path / "pred"
     weights = str(instance_run / "weights" / "best.pt")
-    assert main(["predict", "--weights", weights, "--source", str(src), "--min-score", "0", "--out", str(out)]) == 0
+    assert main(["predict", "--weights", weights, "--source", str(src), "--conf", "0", "--out", str(out)]) == 0
     for image in images:
         assert (out / "overlays" / f"{image.stem}.png").is_file()
         assert (out / "masks" / f"{image.stem}.png").is_file()

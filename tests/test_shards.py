@@ -372,7 +372,7 @@ def test_torchrun_trains_from_http_shards_and_scores_as_on_the_folder(packed, ca
              "--epochs", "1", "--batch", "1", "--workers", "1", "--name", "shards"]  # fmt: skip
     proc = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "epoch 1/1" in proc.stdout and "batch 1 x 2 process(es)" in proc.stdout
+    assert "epoch 1/1:" in proc.stdout and "batch 1 x 2 process(es)" in proc.stdout
     weights = tmp_path / "runs/train/shards/weights/last.pt"
     on_shards = val(weights, f"{base}/camvid/val-{{000000..000003}}.tar", tmp_path / "a", "--workers", "0")
     on_folder = val(weights, str(camvid), tmp_path / "b", "--workers", "0", "--limit", str(LIMIT))

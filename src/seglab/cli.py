@@ -12,9 +12,10 @@ import errno
 import signal
 import sys
 import threading
+import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from seglab.config import TrainConfig, field_help
@@ -28,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but every mistake is one line with a suggestion and exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("argument --conf:"):  # it was a switch once, and YOLO's --conf is a threshold
+            message += " (a detector's score threshold, e.g. --conf 0.25; --save-conf saves confidence maps)"
         raise SeglabError(f"{self._command()}{message}")
 
     def _command(self) -> str:
@@ -42,6 +45,10 @@ class _Parser(argparse.ArgumentParser):
             parser = getattr(ns, "_parser", self)
             options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
             hint = did_you_mean(flag.split("=")[0], options) if flag.startswith("-") else ""
+            key, is_pair, value = flag.partition("=")
+            if is_pair and not flag.startswith("-"):  # Ultralytics' key=value form
+                option = "--" + key.replace("_", "-")
+                hint = f" (seglab takes {option} {value})" if option in options else " (seglab takes --key value flags)"
             raise SeglabError(f"{parser._command()}unrecognised argument {flag}{hint}; see {parser.prog} --help")
         return ns
 
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="seglab", description="Train, evaluate and predict segmentation and detection models.", allow_abbrev=False
     )
+    from seglab import __version__
+
+    parser.add_argument("--version", action="version", version=f"seglab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -99,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(p)
     p.add_argument("--img-size", type=int, help="resize the long side to this (default: the training size)")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (same-size images; default: 1)")
-    p.add_argument("--conf", action="store_true", help="also save per-pixel confidence maps")
     p.add_argument(
-        "--min-score", type=float, default=0.25, help="detectors: keep objects scoring this or more (default: 0.25)"
+        "--conf", type=float, default=None, help="detectors: keep objects scoring this or more (default: 0.25)"
     )
+    p.add_argument("--save-conf", action="store_true", help="semantic models: also save per-pixel confidence maps")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
     p.add_argument("--out", help="write masks/ and overlays/ here (default: runs/predict/<name>, numbered)")
     p.add_argument("--name", default="exp")
@@ -111,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     check = data_sub.add_parser("check", help="find every problem in a dataset", allow_abbrev=False)
     check.set_defaults(_parser=check)
-    check.add_argument("path", help="dataset folder or data.yaml")
+    check.add_argument("path", nargs="?", help="dataset folder or data.yaml (or give it as --data)")
+    check.add_argument("--data", help="the same as PATH, as train and val take it")
     pack = data_sub.add_parser(
         "pack", help="write a dataset as tar shards (WebDataset format) with a dataset.json", allow_abbrev=False
     )
@@ -408,24 +419,44 @@ def _val_detector(model, data: str, args: argparse.Namespace) -> int:
 def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace) -> int:
     import json
 
-    from tqdm import tqdm
-
     from seglab.engine.predictor import output_names
+    from seglab.instance.predictor import DEFAULT_CONF
 
-    if args.tta or args.slide or args.conf or args.img_size:
-        raise SeglabError("predict: --tta, --slide, --conf and --img-size are for semantic models; use --min-score")
+    if args.tta or args.slide or args.save_conf or args.img_size:
+        raise SeglabError("predict: --tta, --slide, --save-conf and --img-size are for semantic models; use --conf")
+    conf = DEFAULT_CONF if args.conf is None else args.conf
     coco: list[dict] = []
-    results = model.iter_predict(sources, conf=args.min_score, batch=args.batch)
     names = output_names(sources)
-    for i, result in enumerate(
-        tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None)
-    ):
+    for i, result in enumerate(_timed(model.iter_predict(sources, conf=conf, batch=args.batch), names)):
         result.save(out, alpha=args.alpha, name=names[i])
         name = result.path.name if result.path else f"image{i}"
         coco += [{**entry, "file_name": name} for entry in result.to_coco(image_id=i)]
     (out / "predictions.json").write_text(json.dumps(coco))
-    print(f"predict: {len(sources)} image(s); overlays, masks and labels in {out}; COCO results in predictions.json")
+    print(f"predict: {_count(len(sources), 'image')}, {_count(len(coco), 'object')} scoring {conf:g} or more; "
+          f"overlays, masks and labels in {out}; COCO results in predictions.json")  # fmt: skip
+    if not coco:
+        lower = "train longer" if conf <= 0.05 else f"try a lower --conf (e.g. --conf {conf / 5:g}) or train longer"
+        print(f"predict: found nothing scoring {conf:g} or more in any image; {lower}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _timed(results: Iterator, names: list[str]) -> Iterator:
+    """The results, each announced in one line as it comes: name, size, what was found, time."""
+    start = last = time.perf_counter()
+    n = 0
+    for result, name in zip(results, names, strict=False):
+        now = time.perf_counter()
+        h, w = result.image.shape[:2]
+        print(f"{result.path.name if result.path else name} {w}x{h}: {result.summary()}, {1000 * (now - last):.0f} ms")
+        yield result
+        n, last = n + 1, time.perf_counter()
+    if n > 1:
+        took = time.perf_counter() - start
+        print(f"predict: {n} images in {took:.1f} s ({1000 * took / n:.0f} ms per image, saving included)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -442,15 +473,17 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else next_run_dir("runs/predict", args.name, exist_ok=False)
     if model.card.task in DETECTOR_TASKS:
         return _predict_detector(model, sources, out, args)
-    from tqdm import tqdm
-
+    if args.conf is not None:
+        raise SeglabError(
+            "predict: --conf is a detector's score threshold; a semantic model labels every pixel "
+            "(--save-conf saves its confidence maps)"
+        )
     results = model.iter_predict(
-        sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, confidence=args.conf
+        sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, save_conf=args.save_conf
     )
-    bar = tqdm(results, desc="predict", total=len(sources), disable=True if len(sources) < 2 else None)
-    for result, name in zip(bar, names, strict=True):
-        result.save(out, confidence=args.conf, alpha=args.alpha, name=name)
-    print(f"predict: {len(sources)} image(s); masks in {out / 'masks'}, overlays in {out / 'overlays'}")
+    for result, name in zip(_timed(results, names), names, strict=True):
+        result.save(out, save_conf=args.save_conf, alpha=args.alpha, name=name)
+    print(f"predict: {_count(len(sources), 'image')}; masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     return 0
 
 
@@ -461,7 +494,11 @@ def _data(args: argparse.Namespace) -> int:
         raise SeglabError("data: choose an action: seglab data check PATH, or seglab data pack --data D --out F")
     from seglab.data.check import check_dataset
 
-    report = check_dataset(args.path)
+    if args.path and args.data and args.path != args.data:
+        raise SeglabError(f"data check: {args.path} or --data {args.data}? give the dataset once")
+    if not (args.path or args.data):
+        raise SeglabError("data check: which dataset? seglab data check PATH (or --data PATH)")
+    report = check_dataset(args.path or args.data)
     print(report.format())
     return 0 if report.ok else 2  # what train would refuse: the same status as any user error
 

@@ -91,17 +91,17 @@ class SegResult(Result):
         return {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
 
     def save(
-        self, out_dir: str | Path, *, confidence: bool = False, alpha: float = 0.5, name: str | None = None
+        self, out_dir: str | Path, *, save_conf: bool = False, alpha: float = 0.5, name: str | None = None
     ) -> dict[str, Path]:
         """Write masks/<stem>.png (palette PNG of class indices; 16-bit past 256 classes), overlays/<stem>.jpg
-        and, with ``confidence``, confidence/<stem>.png (probability x 255), under ``name`` instead of the
+        and, with ``save_conf``, confidence/<stem>.png (probability x 255), under ``name`` instead of the
         image's stem when given. Each file appears whole or not at all."""
         out = Path(out_dir)
         stem = name or self.stem
         written = {"mask": out / "masks" / f"{stem}.png", "overlay": out / "overlays" / f"{stem}.jpg"}
         atomic_save(palette_image(self.mask, self.colors), written["mask"])
         atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
-        if confidence and self.confidence is not None:
+        if save_conf and self.confidence is not None:
             written["confidence"] = out / "confidence" / f"{stem}.png"
             atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
         return written

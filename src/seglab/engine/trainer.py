@@ -33,7 +33,6 @@ import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from seglab.config import RunConfig, build_config, to_dict
 from seglab.data.dataset import EpochSampler, seed_worker
@@ -48,6 +47,7 @@ from seglab.engine.checkpoint import (
 )
 from seglab.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed
 from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.progress import EpochProgress
 from seglab.engine.runs import RESUME_OVERRIDES, next_run_dir, restore_rows, resume_run_dir, write_csv
 from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
@@ -154,6 +154,14 @@ class Task:
     def summary(self) -> str:
         """The first log line: what trains on what."""
         return ""
+
+    def amp(self) -> str:
+        """'amp bfloat16', 'amp float16' or 'amp off', for the summary: one wording for every task."""
+        return (
+            f"amp {str(amp_dtype(self.device, self.cfg.amp_dtype)).removeprefix('torch.')}"
+            if self.cfg.amp
+            else "amp off"
+        )
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} {row[k]}" for k in self.fields if row.get(k, "") != "")
@@ -291,6 +299,7 @@ class Trainer:
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
+        self.epoch_times: list[float] = []  # wall time of each epoch this process ran, for the run's ETA
         if cfg.resume:
             assert checkpoint is not None
             self.run_dir, _ = resume_run_dir(cfg.resume, checkpoint["config"], out=cfg.out, name=cfg.name, log=self.log)
@@ -361,6 +370,7 @@ class Trainer:
         row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in values.items()})
         row.update(epoch=epoch + 1, lr=f"{next(iter(self.parts.values()))[0].param_groups[0]['lr']:.3e}")
         row["epoch_time_s"] = round(time.perf_counter() - t0, 1)
+        self.epoch_times.append(time.perf_counter() - t0)
         self.rows.append(row)
         usable = self._check_finite(epoch, {**train, **values})
         score = self.task.score
@@ -374,6 +384,12 @@ class Trainer:
         skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
         if validated:
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: {self.task.epoch_line(row)}{skipped}")
+        else:  # a line for every epoch: a log that goes quiet for --val-interval epochs looks like a hang
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in train.items())
+            later = min(cfg.epochs, (epoch // cfg.val_interval + 1) * cfg.val_interval)
+            self.log(
+                f"epoch {epoch + 1}/{cfg.epochs}: {shown} ({row['epoch_time_s']} s; val at epoch {later}){skipped}"
+            )
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split; the mean of each logged value over every rank's steps."""
@@ -385,7 +401,11 @@ class Trainer:
         self.task.set_epoch(epoch, start)
         sums, count = self.partial if start else ({}, 0)
         sums = dict(sums)
-        bar = epoch_bar(loader, epoch, cfg.epochs, start, self.progress)
+        bar = EpochProgress(
+            loader, epoch=epoch, epochs=cfg.epochs, start=start, total=start + len(loader), progress=self.progress,
+            log=self.log, images_per_step=cfg.batch * self.dist.world, every_steps=cfg.log_interval,
+            every_s=cfg.log_seconds, past=self.epoch_times,
+        )  # fmt: skip
         for _, optimizer_scheduler in self.parts.items():
             optimizer_scheduler[0].zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=start):
@@ -401,10 +421,8 @@ class Trainer:
                 if self._stop_requested():
                     self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (sums, count))
                     raise TrainingStopped(epoch, i + 1)
-            first = next(iter(sums), None)
-            if first is not None:
-                lr = next(iter(self.parts.values()))[0].param_groups[0]["lr"]
-                bar.set_postfix({first: f"{sums[first] / count:.4f}", "lr": f"{lr:.2e}"})
+            lr = next(iter(self.parts.values()))[0].param_groups[0]["lr"]
+            bar.update(i + 1, {k: v / count for k, v in sums.items()}, lr)
         names = sorted(sums)  # the same names on every rank: each step logs the same values
         values = [*(sums[k] for k in names), float(count)]
         totals = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).cpu()
@@ -584,16 +602,3 @@ class Trainer:
 
     def _write_csv(self) -> None:
         write_csv(self.run_dir / "metrics.csv", self.fields, self.rows)
-
-
-def epoch_bar(loader, epoch: int, epochs: int, start: int, progress: bool) -> tqdm:
-    """The progress bar of one training epoch, starting at batch ``start`` when resuming mid-epoch."""
-    return tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{epochs}",
-        initial=start,
-        total=start + len(loader),
-        disable=None if progress else True,
-        dynamic_ncols=True,
-        leave=False,
-    )

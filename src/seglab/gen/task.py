@@ -100,7 +100,7 @@ class GenTask(Task):
         return (
             f"{self.cfg.model} ({count['generator']:.2f}M generator, {count.get('discriminator', 0.0):.2f}M "
             f"discriminator params) on {self.device}, {len(self.train_set)} train / {len(self.val_set)} val pairs "
-            f"at {h}x{w}, amp {'on' if self.cfg.amp else 'off'}"
+            f"at {h}x{w}, {self.amp()}"
         )
 
     def step(self, batch: dict[str, torch.Tensor], nets: dict[str, nn.Module]) -> Step:

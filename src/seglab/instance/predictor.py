@@ -31,6 +31,8 @@ from seglab.errors import SeglabError
 from seglab.files import atomic_path
 from seglab.instance.models import DETECTIONS_PER_IMAGE
 
+DEFAULT_CONF = 0.25  # the lowest score kept unless told: predict, `seglab predict --conf` and serve's ?conf=
+
 
 @dataclass
 class Detections:
@@ -182,7 +184,7 @@ class DetectorModel:
         self,
         source: str | Path | np.ndarray | Sequence[str | Path | np.ndarray],
         *,
-        conf: float = 0.25,
+        conf: float = DEFAULT_CONF,
         batch: int = 1,
     ) -> InstanceResult | list[InstanceResult]:
         """Objects in one image (a path or an (H, W, C) uint8 array) or many (a folder or a list),
@@ -194,7 +196,7 @@ class DetectorModel:
         return results[0] if single else results
 
     def iter_predict(
-        self, sources: Sequence[str | Path | np.ndarray], *, conf: float = 0.25, batch: int = 1
+        self, sources: Sequence[str | Path | np.ndarray], *, conf: float = DEFAULT_CONF, batch: int = 1
     ) -> Iterator[InstanceResult]:
         from seglab.engine.predictor import read_batches
 

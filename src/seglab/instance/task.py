@@ -115,7 +115,7 @@ class InstanceTask(Task):
         return (
             f"{self.cfg.model} ({self.card.encoder}-FPN, {n_params:.2f}M params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes - 1} classes, "
-            f"amp {'on' if self.cfg.amp else 'off'}"
+            f"{self.amp()}"
         )
 
     def step(self, batch: Any, nets: dict[str, nn.Module]) -> Step:

@@ -81,18 +81,19 @@ class SegModel:
         slide: bool = False,
         img_size: int | None = None,
         batch: int = 1,
-        confidence: bool = False,
+        save_conf: bool = False,
     ) -> SegResult | list[SegResult]:
         """Predict one image (a path or an (H, W, C) uint8 array) or many (a folder or a list).
 
         The image is resized so its long side is the training ``img_size`` (or ``img_size``),
         and the mask comes back at the image's own size. ``batch`` images of the same size
-        share a forward pass (faster per image on both CPU and GPU). ``confidence`` also
-        fills ``SegResult.confidence``, the probability of each pixel's class (a softmax more).
+        share a forward pass (faster per image on both CPU and GPU). ``save_conf`` also
+        fills ``SegResult.confidence``, the probability of each pixel's class (a softmax more),
+        which ``SegResult.save(out, save_conf=True)`` writes.
         """
         sources, single = expand_source(source)
         results = list(
-            self.iter_predict(sources, tta=tta, slide=slide, img_size=img_size, batch=batch, confidence=confidence)
+            self.iter_predict(sources, tta=tta, slide=slide, img_size=img_size, batch=batch, save_conf=save_conf)
         )
         return results[0] if single else results
 
@@ -104,7 +105,7 @@ class SegModel:
         slide: bool = False,
         img_size: int | None = None,
         batch: int = 1,
-        confidence: bool = False,
+        save_conf: bool = False,
     ) -> Iterator[SegResult]:
         """Results one at a time, in order; images are read only ``batch`` at a time."""
         from seglab.data import EvalTransform
@@ -116,7 +117,7 @@ class SegModel:
         resize = EvalTransform(self.card.img_size if img_size is None else img_size)
         for pending in read_batches(sources, batch, self.card.in_channels):
             with out_of_memory(pending, slide):
-                yield from self._predict_batch(pending, inferencer, resize, slide, confidence)
+                yield from self._predict_batch(pending, inferencer, resize, slide, save_conf)
 
     def _predict_batch(
         self, items, inferencer: Inferencer, resize, slide: bool, confidence: bool

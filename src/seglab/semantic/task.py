@@ -218,11 +218,10 @@ class SemanticTask(Task):
     def summary(self) -> str:
         cfg = self.cfg
         n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        amp = str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix("torch.") if cfg.amp else "off"
         return (
             f"{cfg.model} ({self.model.encoder_name}, {n_params:.2f}M params) on {self.device}, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.spec.num_classes} classes, "
-            f"amp {amp}; lr {cfg.lr:g} as given (not scaled with the batch)"
+            f"{self.amp()}; lr {cfg.lr:g} as given (not scaled with the batch)"
         )
 
     def step(self, batch: dict[str, Any], nets: dict[str, nn.Module]) -> Step:

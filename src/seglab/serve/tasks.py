@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from seglab.instance.predictor import DEFAULT_CONF
 from seglab.serve.codec import RequestError, image_png, instances_json, mask_json, mask_png
 
 if TYPE_CHECKING:
     from seglab.api import SegModel
     from seglab.instance.predictor import InstanceResult
 
-DEFAULT_CONF = 0.25  # as `seglab predict --min-score` and DetectorModel.predict
 # A Mask R-CNN holds each object's mask at the image's size: torchvision pastes them as float32
 # (twice over while it stacks them), seglab keeps the ones above conf as float32 then bool.
 # Measured: 850-930 bytes a pixel beyond the image for 100 objects.

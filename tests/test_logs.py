@@ -1,0 +1,166 @@
+"""What a person reads during and after a run (issue 16): the log without a terminal, one wording
+for amp, one name for the score threshold and one for confidence maps, `data check --data`, the
+key=value hint, `--version`, and predict's line per image."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seglab.data.synthetic import make_shapes_dataset
+from test_hostile import one_line_error
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+TIME = r"(\d+h\d\dm|\d+m\d\ds|\d+s)"
+
+
+def seglab(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m seglab ...` with stdout and stderr to pipes: not a terminal, as under nohup or CI."""
+    return subprocess.run(
+        [sys.executable, "-m", "seglab", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=16, n_val=4, size=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def weights(shapes: Path, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("run")
+    proc = seglab("train", "--data", shapes, "--model", "fcn", "--img-size", "40", "--epochs", "1", "--batch", "4",
+                  "--workers", "0", cwd=cwd)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "runs/train/exp/weights/best.pt"
+
+
+# ---------------------------------------------------------------------------------------------- 1. the log
+
+
+def test_without_a_terminal_the_log_has_timestamped_step_lines_and_a_line_every_epoch(shapes, tmp_path):
+    proc = seglab("train", "--data", shapes, "--model", "fcn", "--img-size", "40", "--epochs", "3", "--batch", "2",
+                  "--workers", "0", "--val-interval", "2", "--log-interval", "3", "--log-seconds", "0",
+                  cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    step = re.compile(
+        rf"{STAMP} epoch (\d)/3 step (\d+)/8: train loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, \d+\.\d img/s, "
+        rf"ETA epoch {TIME}, run {TIME}"
+    )
+    steps = [(int(m[1]), int(m[2])) for m in map(step.fullmatch, lines) if m]
+    assert steps == [(e, s) for e in (1, 2, 3) for s in (3, 6)], lines  # every 3rd of 8 steps, per epoch
+    epochs = [line for line in lines if re.match(r"epoch \d/3: ", line)]
+    assert len(epochs) == 3, lines  # epoch 1 did not validate and still has its line
+    assert re.fullmatch(r"epoch 1/3: train loss \d+\.\d{4} \(\d+\.\d s; val at epoch 2\)", epochs[0]), epochs[0]
+    assert "val mIoU" in epochs[1] and "val mIoU" in epochs[2]
+    assert any("amp off" in line for line in lines[:4]), lines[:4]
+
+
+def test_log_interval_0_and_log_seconds_0_leave_only_the_epoch_lines(shapes, tmp_path):
+    proc = seglab("train", "--data", shapes, "--model", "fcn", "--img-size", "40", "--epochs", "1", "--batch", "2",
+                  "--workers", "0", "--log-interval", "0", "--log-seconds", "0", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not re.search(rf"^{STAMP} epoch", proc.stdout, re.M) and "epoch 1/1: " in proc.stdout
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "generate"])
+def test_every_task_says_amp_the_same_way(task, shapes, tmp_path, shared_data):
+    """The start line said `amp on` for detectors and `amp bfloat16` for semantic models."""
+    from seglab.config import load_train_config
+    from seglab.engine.trainer import Trainer
+    from seglab.gen.trainer import load_gen_config
+    from seglab.tasks import get_task
+
+    common = dict(data=str(shapes), epochs=1, batch=2, workers=0, amp=True, out=str(tmp_path), device="cpu")
+    if task == "generate":
+        cfg, _ = load_gen_config(model="vae", img_size=32, width=8, z_dim=8, **common)
+    elif task == "instance":
+        facade = str(shared_data / "facade_coco")
+        cfg = load_train_config(
+            **{**common, "data": facade}, task=task, img_size=64, encoder="efficientnet_lite0", limit=4
+        )
+    else:
+        cfg = load_train_config(**common, model="fcn", img_size=40)
+    summary = Trainer(cfg, get_task(task), progress=False, log=lambda *a: None).task.summary()
+    assert "amp bfloat16" in summary and "amp on" not in summary, summary
+
+
+# ---------------------------------------------------------------------------------------------- 2. names
+
+
+def test_conf_is_the_detectors_threshold_and_save_conf_saves_confidence_maps(weights, shapes, tmp_path):
+    image = next((shapes / "images" / "val").iterdir())
+    refused = seglab("predict", "--weights", weights, "--source", image, "--conf", "0.3", cwd=tmp_path)
+    one_line_error(refused, "--conf is a detector's score threshold", "--save-conf")
+    bare = seglab("predict", "--weights", weights, "--source", image, "--conf", cwd=tmp_path)
+    one_line_error(bare, "--conf", "e.g. --conf 0.25", "--save-conf saves confidence maps")
+    saved = seglab(
+        "predict", "--weights", weights, "--source", image, "--save-conf", "--out", tmp_path / "p", cwd=tmp_path
+    )
+    assert saved.returncode == 0, saved.stderr
+    assert (tmp_path / "p" / "confidence" / f"{image.stem}.png").is_file()
+
+    import seglab as api
+
+    result = api.load(weights).predict(image, save_conf=True)
+    assert result.confidence is not None and result.confidence.shape == result.mask.shape
+    assert set(result.save(tmp_path / "api", save_conf=True)) == {"mask", "overlay", "confidence"}
+
+
+def test_data_check_takes_path_or_data_and_key_value_gets_the_flag_form(shapes, tmp_path):
+    positional = seglab("data", "check", shapes, cwd=tmp_path)
+    flag = seglab("data", "check", "--data", shapes, cwd=tmp_path)
+    assert positional.returncode == flag.returncode == 0, flag.stderr
+    assert positional.stdout == flag.stdout and "train" in flag.stdout
+    one_line_error(seglab("data", "check", cwd=tmp_path), "data check PATH (or --data PATH)")
+    one_line_error(seglab("data", "check", shapes, "--data", tmp_path, cwd=tmp_path), "give the dataset once")
+    one_line_error(seglab("train", f"data={shapes}", cwd=tmp_path), f"seglab takes --data {shapes}")
+    one_line_error(seglab("train", "img_size=64", cwd=tmp_path), "seglab takes --img-size 64")
+
+
+def test_version():
+    from seglab import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "seglab", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"seglab {__version__}"
+
+
+# ---------------------------------------------------------------------------------------------- 3. predict lines
+
+
+def test_predict_prints_a_line_per_image_and_a_summary(weights, shapes, tmp_path):
+    proc = seglab(
+        "predict", "--weights", weights, "--source", shapes / "images" / "val", "--out", tmp_path, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    names = sorted(p.name for p in (shapes / "images" / "val").iterdir())
+    per_image = [re.fullmatch(r"(\S+) 40x40: ((\w+ \d+%, ){0,2}\w+ \d+%), (\d+) ms", line) for line in lines[:4]]
+    assert all(per_image) and [m[1] for m in per_image] == names, lines
+    assert re.fullmatch(r"predict: 4 images in \d+\.\d s \(\d+ ms per image, saving included\)", lines[4]), lines
+    assert lines[5].startswith("predict: 4 images; masks in")
+
+
+def test_a_detector_that_finds_nothing_says_so_and_what_to_try(tmp_path, shared_data):
+    from test_serve_detector import random_detector
+
+    image = sorted((shared_data / "facade_coco" / "train").glob("*.jpg"))[0]
+    detector = random_detector(tmp_path, "instance")
+    proc = seglab("predict", "--weights", detector, "--source", image, "--conf", "0.99", "--out", tmp_path / "o1",
+                  cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(rf"{image.name} 512x512: no objects, \d+ ms", lines[0]), lines
+    assert "0 objects scoring 0.99 or more" in lines[1]
+    assert lines[2] == "predict: found nothing scoring 0.99 or more in any image; try a lower --conf " \
+                       "(e.g. --conf 0.198) or train longer"  # fmt: skip
+    found = seglab("predict", "--weights", detector, "--source", image, "--conf", "0.3", "--out", tmp_path / "o2",
+                   cwd=tmp_path)  # fmt: skip
+    first = found.stdout.splitlines()[0]
+    assert re.fullmatch(rf"{image.name} 512x512: (\d+ [\w-]+, )*\d+ [\w-]+, \d+ ms", first), first
+    assert "found nothing" not in found.stdout
