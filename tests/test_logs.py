@@ -164,3 +164,70 @@ def test_a_detector_that_finds_nothing_says_so_and_what_to_try(tmp_path, shared_
     first = found.stdout.splitlines()[0]
     assert re.fullmatch(rf"{image.name} 512x512: (\d+ [\w-]+, )*\d+ [\w-]+, \d+ ms", first), first
     assert "found nothing" not in found.stdout
+
+
+def test_a_predictor_and_a_result_print_in_one_short_line(weights, shapes):
+    import seglab as api
+
+    model = api.load(weights)
+    assert re.fullmatch(
+        r"SegModel\(semantic, fcn on \w+, \d+ classes \[[\w, ]+\], img_size 40, pytorch on cpu\)", repr(model)
+    ), repr(model)
+    result = model.predict(next((shapes / "images" / "val").iterdir()))
+    assert re.fullmatch(r"SegResult\(semantic, \S+\.png, 40x40: (\w+ \d+%, ){0,2}\w+ \d+%\)", repr(result)), repr(
+        result
+    )
+
+
+def test_val_says_what_it_measured_and_warns_when_val_images_are_training_images(weights, shapes, tmp_path):
+    import json
+    import shutil
+
+    proc = seglab(
+        "val", "--weights", weights, "--data", shapes, "--workers", "0", "--out", tmp_path / "v1", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "val: 4 val images: mIoU" in proc.stdout and "warning" not in proc.stdout
+    metrics = json.loads((tmp_path / "v1" / "metrics.json").read_text())
+    from seglab import __version__
+
+    assert {k: metrics[k] for k in ("data", "split", "num_images", "img_size", "tta", "slide", "seglab_version")} == {
+        "data": str(shapes), "split": "val", "num_images": 4, "img_size": 40, "tta": False, "slide": False,
+        "seglab_version": __version__,
+    }  # fmt: skip
+    assert metrics["weights"] == str(weights) and "miou" in metrics
+
+    leaky = tmp_path / "leaky"
+    shutil.copytree(shapes, leaky)
+    train_image = sorted((leaky / "images" / "train").iterdir())[3]
+    val_image = sorted((leaky / "images" / "val").iterdir())[0]
+    shutil.copy(train_image, val_image)  # the same bytes under another name
+    proc = seglab(
+        "val", "--weights", weights, "--data", leaky, "--workers", "0", "--out", tmp_path / "v2", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    warning = next(line for line in proc.stdout.splitlines() if "warning" in line)
+    assert warning == (
+        f"val: warning: 1 of the 4 val images are also training images ({val_image} is {train_image}); "
+        "these scores overstate how the model does on images it has not seen"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- 5. files
+
+
+def test_weights_have_the_users_permissions_and_the_log_names_the_data_as_typed(shapes, tmp_path):
+    import os
+
+    link = tmp_path / "streets"
+    link.symlink_to(shapes)
+    proc = seglab("train", "--data", "streets", "--model", "fcn", "--img-size", "40", "--epochs", "1", "--batch", "4",
+                  "--workers", "0", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert str(shapes) not in proc.stdout and str(link) in proc.stdout, proc.stdout
+    run = tmp_path / "runs/train/exp"
+    assert f"data: {link}\n" in (run / "config.yaml").read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("weights/best.pt", "weights/last.pt", "metrics.csv", "curves.png"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

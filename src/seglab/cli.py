@@ -344,6 +344,7 @@ def _val(args: argparse.Namespace) -> int:
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
+    _warn_if_val_is_train(model, data, args)
     if model.card.task in DETECTOR_TASKS:
         return _val_detector(model, data, args)
     result = model.evaluate(
@@ -366,12 +367,54 @@ def _val(args: argparse.Namespace) -> int:
     for message in result.skipped:
         print(f"val: skipped an unreadable sample: {message}")
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
+    result.metrics = {**_measured(model, data, args, result.metrics["num_images"]), **result.metrics}
     path = write_metrics(result, out, model.classes)
     print(
-        f"val: mIoU {100 * result.metrics['miou']:.2f}, pixel accuracy "
-        f"{100 * result.metrics['pixel_accuracy']:.2f}; wrote {path} and {out / 'confusion_matrix.png'}"
+        f"val: {result.metrics['num_images']} {args.split} images: mIoU {100 * result.metrics['miou']:.2f}, pixel "
+        f"accuracy {100 * result.metrics['pixel_accuracy']:.2f}; wrote {path} and {out / 'confusion_matrix.png'}"
     )
     return 0
+
+
+def _measured(model, data: str, args: argparse.Namespace, num_images: int) -> dict[str, typing.Any]:
+    """What metrics.json says it measured, before the figures."""
+    from seglab import __version__
+
+    return {
+        "weights": str(Path(args.weights).absolute()),
+        "data": str(data),
+        "split": args.split,
+        "num_images": num_images,
+        "img_size": model.card.img_size,
+        "tta": bool(getattr(args, "tta", False)),
+        "slide": bool(getattr(args, "slide", False)),
+        "limit": args.limit,
+        "seglab_version": __version__,
+    }
+
+
+def _warn_if_val_is_train(model, data: str, args: argparse.Namespace) -> None:
+    """A val split that shares images with training scores what the model has seen: say so."""
+    import os
+
+    from seglab.data import ShardSpec, get_split, resolve_dataset
+    from seglab.data.check import shared_images
+
+    if args.split == "train" or os.environ.get("RANK", "0") != "0":
+        return
+    cache = args.data_cache or model.config.get("data_cache")
+    spec = resolve_dataset(data, cache_dir=cache, progress=False, task=model.card.task)
+    if isinstance(spec, ShardSpec) or "train" not in spec.splits:
+        return
+    samples = get_split(spec, args.split, **_holdout_of(model))[: args.limit]
+    shared = shared_images(samples, get_split(spec, "train", **_holdout_of(model)))
+    if shared:
+        image, other = shared[0]
+        print(
+            f"val: warning: {len(shared)} of the {len(samples)} {args.split} images are also training images "
+            f"({image} is {other}{', ...' if len(shared) > 1 else ''}); these scores overstate how the model "
+            "does on images it has not seen"
+        )
 
 
 def _holdout_of(model) -> dict[str, float | int]:
@@ -405,14 +448,16 @@ def _val_detector(model, data: str, args: argparse.Namespace) -> int:
     print(format_ap_table(result.metrics))
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    metrics = {**_measured(model, data, args, result.metrics["num_images"]), **result.metrics}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "predictions.json").write_text(json.dumps(result.results))
     shown = ", ".join(
         f"{k} AP {100 * m['AP']:.2f} (AP50 {100 * m['AP50']:.2f})"
         for k, m in result.metrics.items()
         if k in ("box", "mask") and m["AP"] is not None
     )
-    print(f"val: {shown}; wrote {out / 'metrics.json'} and {out / 'predictions.json'} (COCO results)")
+    print(f"val: {metrics['num_images']} {args.split} images: {shown}; wrote {out / 'metrics.json'} and "
+          f"{out / 'predictions.json'} (COCO results)")  # fmt: skip
     return 0
 
 

@@ -17,12 +17,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
 def temporary(out: Path, *, directory: bool = False) -> Path:
-    """A new hidden temporary file (or folder) beside ``out``, named after it and this process."""
+    """A new hidden temporary file (or folder) beside ``out``, named after it and this process, with
+    the permissions of any file the user makes (mkstemp's are 0600: weights nobody else could read)."""
     prefix = f".{out.name}.seglab-{os.getpid()}-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        path.chmod(0o777 & ~UMASK)
+        return path
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=out.suffix, dir=out.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     return Path(name)
 

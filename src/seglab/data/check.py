@@ -260,3 +260,35 @@ def check_dataset(data: str | Path, *, val_fraction: float = 0.1) -> CheckReport
         samples_checked=len(samples),
         seconds=time.perf_counter() - start,
     )
+
+
+def shared_images(samples: Sequence[Sample], train: Sequence[Sample]) -> list[tuple[Path, Path]]:
+    """(image of ``samples``, image of ``train``) pairs that are one file or hold the same bytes: a val
+    split that shares images with training scores what the model has seen. Only files of equal size
+    are read, and a file only once."""
+    import hashlib
+
+    def digest(path: Path, cache: dict[Path, str]) -> str:
+        if path not in cache:
+            cache[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+        return cache[path]
+
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError:  # missing: reported where it is read
+            return -1
+
+    by_size: dict[int, list[Path]] = {}
+    for sample in train:
+        by_size.setdefault(size(sample.image), []).append(sample.image)
+    by_size.pop(-1, None)
+    cache: dict[Path, str] = {}
+    shared = []
+    for sample in samples:
+        image = sample.image
+        for other in by_size.get(size(image), []):
+            if image.resolve() == other.resolve() or digest(image, cache) == digest(other, cache):
+                shared.append((image, other))
+                break
+    return shared

@@ -42,7 +42,7 @@ def evaluate(
     at label resolution, which for cross-entropy is the usual val loss.
     """
     cm = ConfusionMatrix(num_classes, ignore_index, device=inferencer.device)
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n, images = 0.0, 0, 0
     batches = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
     skipped: list[str] = []
     for batch in batches:
@@ -51,6 +51,7 @@ def evaluate(
             continue
         probs = inferencer.probabilities(batch["image"])  # [B,K,H,W] at model resolution
         masks = batch["mask"].to(inferencer.device)
+        images += len(batch["mask_size"])
         for i, ((ih, iw), (mh, mw)) in enumerate(zip(batch["image_size"], batch["mask_size"], strict=True)):
             p = resize_to(probs[i : i + 1, :, :ih, :iw], (mh, mw))  # [1,K,mh,mw]
             target = masks[i : i + 1, :mh, :mw]
@@ -61,8 +62,9 @@ def evaluate(
     # Under torchrun each rank scored its own share of the images: sum the counts. The matrix
     # is integer, so the result equals a single process's exactly.
     all_reduce_sum(cm.matrix)
-    loss_totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=inferencer.device))
+    totals = [loss_sum, float(loss_n), float(images)]
+    loss_totals = all_reduce_sum(torch.tensor(totals, dtype=torch.float64, device=inferencer.device))
     loss_sum, loss_n = float(loss_totals[0]), int(loss_totals[1])
-    metrics = metrics_from_confusion(cm.matrix.cpu(), class_names)
+    metrics = {"num_images": int(loss_totals[2]), **metrics_from_confusion(cm.matrix.cpu(), class_names)}
     skipped = gather_objects(skipped)
     return EvalResult(metrics, cm.matrix.cpu(), loss_sum / loss_n if loss_n else None, skipped)

@@ -18,6 +18,32 @@ from seglab.plots import blend, blend_image, palette_image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+class Predictor:
+    """What ``seglab.load`` returns, whatever the task: ``predict`` gives :class:`Result` objects,
+    ``card`` says what the model is (task, architecture, classes, colours, preprocessing) and
+    ``backend`` what runs it (pytorch, onnxruntime, torchscript, ...)."""
+
+    card: Any  # seglab.engine.checkpoint.ModelCard
+    backend: str
+    device: Any  # torch.device
+
+    @property
+    def task(self) -> str:
+        return self.card.task
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    def __repr__(self) -> str:
+        card, shown = self.card, ", ".join(self.card.classes[:6])
+        more = f", ... {len(card.classes) - 6} more" if len(card.classes) > 6 else ""
+        return (
+            f"{type(self).__name__}({card.task}, {card.arch} on {card.encoder}, {len(card.classes)} classes "
+            f"[{shown}{more}], img_size {card.img_size}, {self.backend} on {self.device})"
+        )
+
+
 class Result:
     """One image's prediction, whatever the task. Every task's result has ``task``, ``image``
     ((H, W, C) uint8, as read), ``path``, ``classes`` and ``colors``; ``plot()`` draws it on the

@@ -232,8 +232,8 @@ def resume_config(schema: type, overrides: dict[str, Any], *, log=print) -> tupl
 
 
 def _same_value(key: str, given: Any, saved: Any) -> bool:
-    if key == "data" and isinstance(given, str) and Path(given).exists():
-        given = str(Path(given).resolve())  # the run saved its data folder resolved
+    if key == "data" and isinstance(given, str) and isinstance(saved, str) and Path(given).exists():
+        return Path(given).resolve() == Path(saved).resolve()  # the run saved its data folder absolute
     if isinstance(given, tuple):
         given = list(given)
     return bool(given == saved)
@@ -257,7 +257,7 @@ class Trainer:
         if cfg.resume and checkpoint is None:
             checkpoint = load_checkpoint(cfg.resume, trust=cfg.trust_weights)
         if cfg.data and Path(cfg.data).exists():  # val, predict and sample find the data from any folder
-            cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
+            cfg = replace(cfg, data=str(Path(cfg.data).absolute()))  # as typed: a symlink stays one
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.task = task(cfg, self)

@@ -26,7 +26,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.inference import amp_dtype, resolve_device
-from seglab.engine.predictor import Result, atomic_save
+from seglab.engine.predictor import Predictor, Result, atomic_save
 from seglab.errors import SeglabError
 from seglab.files import atomic_path
 from seglab.instance.models import DETECTIONS_PER_IMAGE
@@ -150,7 +150,7 @@ class InstanceResult(Result):
         return written
 
 
-class DetectorModel:
+class DetectorModel(Predictor):
     """A trained Mask R-CNN / Faster R-CNN with its classes and colours (see the module docstring)."""
 
     def __init__(
@@ -171,14 +171,6 @@ class DetectorModel:
             from seglab.instance.models import mixed_precision
 
             mixed_precision(self.model, self.device.type, amp_dtype(self.device))
-
-    @property
-    def task(self) -> str:
-        return self.card.task
-
-    @property
-    def classes(self) -> list[str]:
-        return self.card.classes
 
     def predict(
         self,

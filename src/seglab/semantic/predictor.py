@@ -20,14 +20,14 @@ from seglab.data.io import MAX_PIXELS
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.evaluator import EvalResult, evaluate
 from seglab.engine.inference import Inferencer, resized_labels, resolve_device
-from seglab.engine.predictor import SegResult, expand_source, read_batches
+from seglab.engine.predictor import Predictor, SegResult, expand_source, read_batches
 from seglab.errors import SeglabError
 
 TTA_SCALES = (0.75, 1.0, 1.25)
 WHOLE_IMAGE_MAX_SIDE = 8192  # whole-image prediction holds the model's activations for all of the image
 
 
-class SegModel:
+class SegModel(Predictor):
     """A trained model with everything it needs to predict: classes, colours, preprocessing."""
 
     def __init__(
@@ -52,10 +52,6 @@ class SegModel:
             fold_batchnorm(self.model)  # so self.model no longer loads a training state_dict
             h, w = card.crop_size or [card.img_size, card.img_size]
             tune_depthwise(self.model, torch.zeros(1, card.in_channels, h, w), backward=False)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.card.classes
 
     def inferencer(self, *, tta: bool = False, slide: bool = False, overlap: float = 1 / 3) -> Inferencer:
         crop = self.card.crop_size or [self.card.img_size, self.card.img_size]
