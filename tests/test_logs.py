@@ -231,3 +231,38 @@ def test_weights_have_the_users_permissions_and_the_log_names_the_data_as_typed(
     os.umask(umask)
     for name in ("weights/best.pt", "weights/last.pt", "metrics.csv", "curves.png"):
         assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ---------------------------------------------------------------------------------------------- 4. pictures
+
+
+def test_curves_have_whole_epochs_a_fitting_loss_axis_lr_and_pixel_accuracy_and_a_star_on_the_best(tmp_path):
+    from seglab.instance.task import InstanceTask
+    from seglab.plots import plot_curves
+
+    rows = [{"epoch": e, "train_loss": 1.5 / e, "val_loss": 1.6 / e, "val_miou": [0.2, 0.4, 0.5, 0.45][e - 1],
+             "val_pixel_accuracy": 0.6 + 0.05 * e, "lr": f"{1e-3 / e:.3e}"} for e in range(1, 5)]  # fmt: skip
+    fig = plot_curves(rows, tmp_path / "semantic.png", best="val_miou")
+    loss, score, lr = fig.axes
+    assert loss.get_yscale() == "linear" and loss.get_ylim()[0] == 0  # 1.5 .. 0.375: no log scale needed
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    labels = [line.get_label() for line in score.get_lines()]
+    assert labels == ["mIoU", "best: 50.0 at epoch 3", "pixel accuracy"]
+    star = score.get_lines()[1]
+    assert list(star.get_xdata()) == [3] and list(star.get_ydata()) == [50.0] and star.get_marker() == "*"
+    assert list(lr.get_lines()[0].get_ydata()) == [pytest.approx(1e-3 / e, rel=1e-3) for e in range(1, 5)]
+
+    rows = [{"epoch": e, "train_loss": 3 / e, "loss_classifier": 1 / e, "loss_box_reg": 0.8 / e, "loss_mask": 0.7 / e,
+             "loss_objectness": 0.3 / e**2, "loss_rpn_box_reg": 0.2 / e, "val_box_ap": 0.03 * e,
+             "val_box_ap50": 0.06 * e, "val_mask_ap": 0.028 * e, "val_mask_ap50": 0.055 * e, "lr": "1.000e-02"}
+            for e in range(1, 6)]  # fmt: skip
+    fig = plot_curves(rows, tmp_path / "detector.png", **InstanceTask.curves, best="val_mask_ap")
+    loss, score, _ = fig.axes
+    assert loss.get_yscale() == "log"  # 3.0 .. 0.012 spans 250x
+    assert [line.get_label() for line in loss.get_lines()] == [
+        "total", "classifier", "box reg", "mask", "objectness", "rpn box reg"
+    ]  # fmt: skip
+    assert score.get_ylim() == (0, pytest.approx(30 * 1.15 + 1))  # AP axis fits the APs, not 0-100
+    assert (tmp_path / "semantic.png").stat().st_size > 10_000 and (tmp_path / "detector.png").is_file()

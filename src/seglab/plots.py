@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,46 +12,73 @@ from PIL import Image
 
 
 def _float(value: Any) -> float | None:
+    """A metrics.csv cell as a finite float, or None (empty, not a number, NaN, inf)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> list[tuple[int, float]]:
+    return [(int(r["epoch"]), scale * v) for r in rows if (v := _float(r.get(key))) is not None]
 
 
 def plot_curves(
     rows: Sequence[dict[str, Any]],
     path: str | Path,
     scores: dict[str, str] | None = None,
-    title: str = "val mIoU (%)",
+    title: str = "val (%)",
     losses: dict[str, str] | None = None,
-) -> None:
-    """Losses and the val scores per epoch, side by side, from metrics.csv rows.
+    best: str | None = None,
+) -> Any:
+    """Three panels from metrics.csv rows: the losses, the val scores and the learning rate per epoch.
 
-    ``scores`` maps metrics.csv columns (fractions, shown x 100) to legend labels; default: val
-    mIoU. ``losses`` does the same for the left panel; default: train and val loss."""
+    ``losses`` and ``scores`` map metrics.csv columns to legend labels (scores are fractions, shown
+    x 100; defaults: train and val loss, val mIoU and pixel accuracy). The loss axis is linear unless
+    the losses span more than 30x; ``best`` (a score column) gets a star on its best epoch. Epochs are
+    whole numbers on every axis. Returns the matplotlib Figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    epochs = [int(r["epoch"]) for r in rows]
-    fig = Figure(figsize=(10, 4), dpi=100)
-    ax_loss, ax_miou = fig.subplots(1, 2)
+    fig = Figure(figsize=(14, 4), dpi=100)
+    ax_loss, ax_score, ax_lr = fig.subplots(1, 3)
+    drawn = []
     for key, label in (losses or {"train_loss": "train", "val_loss": "val"}).items():
-        points = [(e, _float(r.get(key))) for e, r in zip(epochs, rows, strict=True)]
-        points = [(e, v) for e, v in points if v is not None]
+        points = _series(rows, key)
         if points:
-            ax_loss.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
-    ax_loss.legend()
-    for key, label in (scores or {"val_miou": ""}).items():
-        points = [(e, 100 * v) for e, r in zip(epochs, rows, strict=True) if (v := _float(r.get(key))) is not None]
-        if points:
-            ax_miou.plot(*zip(*points, strict=True), marker="o", label=label or None)
-    if scores:
-        ax_miou.legend()
-    ax_miou.set(title=title, xlabel="epoch")
-    for ax in (ax_loss, ax_miou):
+            ax_loss.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+            drawn += [v for _, v in points]
+    positive = [v for v in drawn if v > 0]
+    log = bool(positive) and len(positive) == len(drawn) and max(positive) / min(positive) > 30
+    ax_loss.set(title="loss" + (" (log scale)" if log else ""), xlabel="epoch", yscale="log" if log else "linear")
+    if not log:
+        ax_loss.set_ylim(bottom=0)
+    top = 0.0
+    for key, label in (scores or {"val_miou": "mIoU", "val_pixel_accuracy": "pixel accuracy"}).items():
+        points = _series(rows, key, 100.0)
+        if not points:
+            continue
+        (line,) = ax_score.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+        top = max(top, *(v for _, v in points))
+        if key == best:
+            epoch, value = max(points, key=lambda p: p[1])  # the first of equal bests, as the trainer keeps it
+            ax_score.plot([epoch], [value], marker="*", markersize=14, color=line.get_color(), linestyle="none",
+                          label=f"best: {value:.1f} at epoch {epoch}")  # fmt: skip
+    ax_score.set(title=title, xlabel="epoch", ylim=(0, min(100.0, top * 1.15 + 1) if top else 100.0))
+    lr = _series(rows, "lr")
+    if lr:
+        ax_lr.plot(*zip(*lr, strict=True), marker="o", markersize=3, color="tab:gray")
+    ax_lr.set(title="learning rate (at the epoch's end)", xlabel="epoch")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (ax_loss, ax_score, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:

@@ -9,7 +9,7 @@ A run lives in ``<out>/<name>/``:
 
     config.yaml       the resolved config
     metrics.csv       one row per epoch: the task's losses and val metrics
-    curves.png        losses and the val score per epoch
+    curves.png        losses, val scores (a star on the best epoch) and learning rate per epoch
     events.out.tfevents.*  TensorBoard
     weights/last.pt   everything needed to --resume (and the shipped weights, so val/predict take it)
     weights/best.pt   the weights with the best val score (the task names the file and the score)
@@ -539,7 +539,7 @@ class Trainer:
             lean = {"config": to_dict(self.cfg), "epoch": epoch + 1, "metrics": metrics}
             save_checkpoint(weights / self.task.best, {**self.task.payload(self._shipped_model()), **lean})
         if self.cfg.plots:
-            plot_curves(self.rows, self.run_dir / "curves.png", **self.task.curves)
+            plot_curves(self.rows, self.run_dir / "curves.png", **self.task.curves, best=self.task.score)
         self.task.after_epoch(self.run_dir, epoch, self._shipped_model())
 
     def _shipped_model(self) -> nn.Module:

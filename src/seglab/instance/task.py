@@ -34,7 +34,13 @@ def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class InstanceTask(Task):
     fields = ("train_loss", *LOSSES, "val_box_ap", "val_box_ap50", "val_mask_ap", "val_mask_ap50")
     curves: ClassVar[dict[str, Any]] = {
-        "scores": {"val_box_ap": "box AP", "val_mask_ap": "mask AP"},
+        "losses": {"train_loss": "total", **{k: k.removeprefix("loss_").replace("_", " ") for k in LOSSES}},
+        "scores": {
+            "val_box_ap": "box AP",
+            "val_box_ap50": "box AP50",
+            "val_mask_ap": "mask AP",
+            "val_mask_ap50": "mask AP50",
+        },
         "title": "val AP (%)",
     }
 
