@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-conf", action="store_true", help="semantic models: also save per-pixel confidence maps")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
+    p.add_argument(
+        "--unpainted", nargs="+", metavar="CLASS",
+        help="semantic models: classes the overlay leaves unpainted (default: background; none: paint all)",
+    )  # fmt: skip
     p.add_argument("--out", help="write masks/ and overlays/ here (default: runs/predict/<name>, numbered)")
     p.add_argument("--name", default="exp")
 
@@ -467,8 +471,10 @@ def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace)
     from seglab.engine.predictor import output_names
     from seglab.instance.predictor import DEFAULT_CONF
 
-    if args.tta or args.slide or args.save_conf or args.img_size:
-        raise SeglabError("predict: --tta, --slide, --save-conf and --img-size are for semantic models; use --conf")
+    if args.tta or args.slide or args.save_conf or args.img_size or args.unpainted:
+        raise SeglabError(
+            "predict: --tta, --slide, --save-conf, --img-size and --unpainted are for semantic models; use --conf"
+        )
     conf = DEFAULT_CONF if args.conf is None else args.conf
     coco: list[dict] = []
     names = output_names(sources)
@@ -527,7 +533,7 @@ def _predict(args: argparse.Namespace) -> int:
         sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, save_conf=args.save_conf
     )
     for result, name in zip(_timed(results, names), names, strict=True):
-        result.save(out, save_conf=args.save_conf, alpha=args.alpha, name=name)
+        result.save(out, save_conf=args.save_conf, alpha=args.alpha, name=name, unpainted=args.unpainted)
     print(f"predict: {_count(len(sources), 'image')}; masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     return 0
 

@@ -96,24 +96,155 @@ def palette_image(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Im
 OVERLAY_BAND = 1024  # rows blended at a time: float work stays a few MB whatever the image's size
 
 
-def blend_image(
-    image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5
-) -> Image.Image:
-    """Overlay class colours on an RGB (or greyscale) uint8 image, as a PIL image.
+def background_classes(classes: Sequence[str]) -> list[int]:
+    """The classes an overlay leaves unpainted unless told otherwise: those named background."""
+    return [i for i, name in enumerate(classes) if name.strip("_").lower() in ("background", "bg")]
 
-    Blended a band of rows at a time through a colour lookup table, so the only image-sized
-    buffers are the result and PIL's copy of it, whatever the number of classes."""
-    lut = np.zeros((max(256, len(colors), int(mask.max()) + 1 if mask.size else 0), 3), np.uint8)
-    lut[: len(colors)] = np.asarray(colors, np.uint8).reshape(-1, 3)
+
+def blend_image(
+    image: np.ndarray,
+    mask: np.ndarray,
+    colors: Sequence[Sequence[int]],
+    alpha: float = 0.5,
+    unpainted: Sequence[int] = (),
+) -> Image.Image:
+    """Overlay class colours on an RGB (or greyscale) uint8 image, as a PIL image; the ``unpainted``
+    classes show the image as it is.
+
+    Blended a band of rows at a time through colour and opacity lookup tables, so the only
+    image-sized buffers are the result and PIL's copy of it, whatever the number of classes."""
+    size = max(256, len(colors), int(mask.max()) + 1 if mask.size else 0)
+    lut = np.zeros((size, 3), np.float32)
+    lut[: len(colors)] = np.asarray(colors, np.float32).reshape(-1, 3)
+    opacity = np.full((size, 1), alpha, np.float32)
+    opacity[list(unpainted)] = 0.0
     h, w = mask.shape
     out = np.empty((h, w, 3), np.uint8)
     for top in range(0, h, OVERLAY_BAND):
         rows = slice(top, top + OVERLAY_BAND)
         base = image[rows].reshape(-1, w, image.shape[2] if image.ndim == 3 else 1).astype(np.float32)
-        out[rows] = np.rint(base * (1 - alpha) + lut[mask[rows]] * alpha)  # grey broadcasts to RGB
+        a = opacity[mask[rows]]
+        out[rows] = np.rint(base * (1 - a) + lut[mask[rows]] * a)  # grey broadcasts to RGB
     return Image.fromarray(out)
 
 
-def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+def blend(
+    image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5, unpainted=()
+) -> np.ndarray:
     """:func:`blend_image` as an (H, W, 3) uint8 array."""
-    return np.asarray(blend_image(image, mask, colors, alpha))
+    return np.asarray(blend_image(image, mask, colors, alpha, unpainted))
+
+
+LEGEND_ROWS = 24  # the most classes a legend lists
+
+
+def font(image_size: tuple[int, int]) -> Any:
+    """PIL's own scalable font at a size that reads on an image of ``image_size`` (w, h)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(11, min(28, min(image_size) // 32)))
+
+
+def text_color(color: Sequence[int]) -> tuple[int, int, int]:
+    """Black on light colours, white on dark ones."""
+    r, g, b = (int(c) for c in color[:3])
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def draw_legend(picture: Image.Image, entries: Sequence[tuple[str, Sequence[int]]]) -> Image.Image:
+    """(text, colour) swatches in a dark box at the top-left corner of ``picture``, drawn in place."""
+    from PIL import ImageDraw
+
+    if not entries:
+        return picture
+    face = font(picture.size)
+    size = face.size
+    pad = max(2, size // 3)
+    draw = ImageDraw.Draw(picture, "RGBA")
+    shown = list(entries[:LEGEND_ROWS])
+    if len(entries) > LEGEND_ROWS:
+        shown.append((f"... {len(entries) - LEGEND_ROWS} more", (0, 0, 0)))
+    width = max(draw.textlength(text, font=face) for text, _ in shown) + size + 3 * pad
+    draw.rectangle([0, 0, width, len(shown) * (size + pad) + pad], fill=(0, 0, 0, 170))
+    for i, (text, color) in enumerate(shown):
+        y = pad + i * (size + pad)
+        draw.rectangle([pad, y, pad + size, y + size], fill=tuple(int(c) for c in color[:3]), outline=(255, 255, 255))
+        draw.text((2 * pad + size, y), text, fill=(255, 255, 255), font=face)
+    return picture
+
+
+def confidence_image(confidence: np.ndarray) -> Image.Image:
+    """Per-pixel confidence (H, W, 0..1) in matplotlib's viridis, with a 0-1 scale bar on the right."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    h, w = confidence.shape
+    face = font((w, h))
+    bar = max(12, w // 40)
+    margin = int(face.getlength("1.00")) + bar + 12
+    out = np.full((h, w + margin, 3), 255, np.uint8)
+    for top in range(0, h, OVERLAY_BAND):
+        rows = slice(top, top + OVERLAY_BAND)
+        out[rows, :w] = lut[np.clip(np.rint(confidence[rows] * 255), 0, 255).astype(np.uint8)]
+    scale = np.linspace(255, 0, h).round().astype(np.uint8)
+    out[:, w + 4 : w + 4 + bar] = lut[scale][:, None]
+    picture = Image.fromarray(out)
+    draw = ImageDraw.Draw(picture)
+    for value in (1.0, 0.5, 0.0):
+        y = min(h - face.size, max(0, round((1 - value) * (h - 1)) - face.size // 2))
+        draw.text((w + bar + 8, y), f"{value:.2f}", fill=(0, 0, 0), font=face)
+    return picture
+
+
+def draw_instances(
+    image: np.ndarray,
+    objects: Sequence[tuple[str, float, int]],
+    boxes: np.ndarray | None,
+    masks: np.ndarray | None,
+    colors: Sequence[Sequence[int]],
+    alpha: float = 0.5,
+    labels: bool = True,
+) -> np.ndarray:
+    """Objects drawn on ``image``: each mask blended in its class colour with a solid outline, its box,
+    and a "class score" label on a filled tag of that colour, drawn last so that tags stay readable
+    where boxes overlap. ``objects`` are (class name, score, class index), best first; without
+    ``boxes``, masks only."""
+    from PIL import ImageDraw
+
+    out = np.array(image[..., :3] if image.ndim == 3 else np.repeat(image[..., None], 3, -1), np.float32)
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, -1)
+    palette = [np.asarray(colors[k][:3], np.float32) for _, _, k in objects]
+    if masks is not None:
+        for i in reversed(range(len(objects))):  # the best object painted last, on top
+            m = masks[i]
+            out[m] = out[m] * (1 - alpha) + palette[i] * alpha
+            inner = m.copy()
+            inner[1:] &= m[:-1]
+            inner[:-1] &= m[1:]
+            inner[:, 1:] &= m[:, :-1]
+            inner[:, :-1] &= m[:, 1:]
+            out[m & ~inner] = palette[i]
+    picture = Image.fromarray(np.rint(out).astype(np.uint8))
+    if boxes is None:
+        return np.asarray(picture)
+    draw = ImageDraw.Draw(picture)
+    face = font(picture.size)
+    width = max(1, face.size // 8)
+    for i in reversed(range(len(objects))):
+        draw.rectangle([float(v) for v in boxes[i]], outline=tuple(int(c) for c in palette[i]), width=width)
+    if labels:
+        tags: list[tuple[float, float, float, float]] = []
+        for i, (name, score, _) in enumerate(objects):  # the best object's tag first, where it belongs
+            text = f"{name} {score:.2f}"
+            x1, y1, _, y2 = (float(v) for v in boxes[i])
+            w, h = draw.textlength(text, font=face) + 4, face.size + 4
+            x, y = min(x1, picture.width - w), y1 - h if y1 >= h else y1  # above the box, or just inside
+            while any(x < b[2] and b[0] < x + w and y < b[3] and b[1] < y + h for b in tags) and y + 2 * h <= y2:
+                y += h  # down the box's edge, past the tags already drawn
+            tags.append((x, y, x + w, y + h))
+            color = tuple(int(c) for c in palette[i])
+            draw.rectangle(tags[-1], fill=color)
+            draw.text((x + 2, y + 2), text, fill=text_color(color), font=face)
+    return np.asarray(picture)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from seglab.files import atomic_path
-from seglab.plots import blend, blend_image, palette_image
+from seglab.plots import background_classes, blend_image, confidence_image, draw_legend, palette_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -97,12 +97,24 @@ class SegResult(Result):
     def task(self) -> str:
         return "semantic"
 
-    def overlay(self, alpha: float = 0.5) -> np.ndarray:
-        """The image with class colours blended in, (H, W, 3) uint8."""
-        return blend(self.image, self.mask, self.colors, alpha)
+    def overlay(self, alpha: float = 0.5, *, unpainted: Sequence[str] | None = None, legend: bool = True) -> np.ndarray:
+        """The image with class colours blended in and a legend of the classes painted, (H, W, 3) uint8.
+        ``unpainted``: class names left as the image is (default: a class named background)."""
+        return np.asarray(self._overlay(alpha, unpainted, legend))
 
     def plot(self, *, alpha: float = 0.5) -> np.ndarray:
         return self.overlay(alpha)
+
+    def _overlay(self, alpha: float, unpainted: Sequence[str] | None, legend: bool) -> Image.Image:
+        skip = background_classes(self.classes) if unpainted is None else class_indices(unpainted, self.classes)
+        picture = blend_image(self.image, self.mask, self.colors, alpha, skip)
+        if legend:
+            shares = sorted(((share, name) for name, share in self.areas().items()), reverse=True)
+            painted = [(s, n) for s, n in shares if self.classes.index(n) not in skip]
+            entries = [(f"{n} {100 * s:.0f}%" if s >= 0.01 else f"{n} <1%", self.colors[self.classes.index(n)])
+                       for s, n in painted]  # fmt: skip
+            draw_legend(picture, entries)
+        return picture
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each predicted class covers."""
@@ -117,20 +129,42 @@ class SegResult(Result):
         return {"image": str(self.path) if self.path else None, "size": list(self.mask.shape), "areas": self.areas()}
 
     def save(
-        self, out_dir: str | Path, *, save_conf: bool = False, alpha: float = 0.5, name: str | None = None
+        self,
+        out_dir: str | Path,
+        *,
+        save_conf: bool = False,
+        alpha: float = 0.5,
+        name: str | None = None,
+        unpainted: Sequence[str] | None = None,
     ) -> dict[str, Path]:
         """Write masks/<stem>.png (palette PNG of class indices; 16-bit past 256 classes), overlays/<stem>.jpg
-        and, with ``save_conf``, confidence/<stem>.png (probability x 255), under ``name`` instead of the
-        image's stem when given. Each file appears whole or not at all."""
+        (see :meth:`overlay`) and, with ``save_conf``, confidence/<stem>.png (viridis, with a 0-1 scale),
+        under ``name`` instead of the image's stem when given. Each file appears whole or not at all."""
         out = Path(out_dir)
         stem = name or self.stem
         written = {"mask": out / "masks" / f"{stem}.png", "overlay": out / "overlays" / f"{stem}.jpg"}
         atomic_save(palette_image(self.mask, self.colors), written["mask"])
-        atomic_save(blend_image(self.image, self.mask, self.colors, alpha), written["overlay"], quality=90)
+        atomic_save(self._overlay(alpha, unpainted, legend=True), written["overlay"], quality=90)
         if save_conf and self.confidence is not None:
             written["confidence"] = out / "confidence" / f"{stem}.png"
-            atomic_save(Image.fromarray((self.confidence * 255).round().astype(np.uint8)), written["confidence"])
+            atomic_save(confidence_image(self.confidence), written["confidence"])
         return written
+
+
+def class_indices(names: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """The indices of class ``names`` (``none``: no class), or one line naming the one that is not a class."""
+    from seglab.errors import SeglabError
+    from seglab.registry import did_you_mean
+
+    if [n.lower() for n in names] == ["none"]:
+        return []
+    for name in names:
+        if name not in classes:
+            raise SeglabError(
+                f"--unpainted {name}: not a class of this model{did_you_mean(name, list(classes))}; "
+                f"its classes: {', '.join(classes)} (or none)"
+            )
+    return [classes.index(n) for n in names]
 
 
 def atomic_save(image: Image.Image, path: Path, **params: Any) -> None:

@@ -89,19 +89,13 @@ class InstanceResult(Result):
 
     def plot(self, *, alpha: float = 0.5, boxes: bool = True, labels: bool = True) -> np.ndarray:
         """The image with each object's mask, box and "class score" label drawn, (H, W, 3) uint8."""
-        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+        from seglab.plots import draw_instances
 
-        image = torch.tensor(self.image[..., :3]).permute(2, 0, 1)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
         inst = self.instances
-        colors = [tuple(int(c) for c in self.colors[k]) for k in inst.labels]
-        if len(inst) and inst.masks is not None:
-            image = draw_segmentation_masks(image, torch.from_numpy(inst.masks), alpha=alpha, colors=colors)
-        if len(inst) and boxes:
-            text = [f"{n} {s:.2f}" for n, s in zip(inst.names, inst.scores, strict=True)] if labels else None
-            image = draw_bounding_boxes(image, torch.from_numpy(inst.boxes), labels=text, colors=colors, width=2)
-        return image.permute(1, 2, 0).numpy()
+        objects = [(n, float(s), int(k)) for n, s, k in zip(inst.names, inst.scores, inst.labels, strict=True)]
+        return draw_instances(
+            self.image, objects, inst.boxes if boxes else None, inst.masks, self.colors, alpha, labels
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

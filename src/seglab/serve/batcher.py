@@ -184,10 +184,11 @@ class Batcher:
         try:
             for group in groups.values():
                 self._run_group(group)
-        except BaseException:  # the worker is dying: none of these may wait for its timeout
+        except BaseException as e:  # the worker is dying: none of these may wait for its timeout
+            self.failure = one_line(e)  # first: a client answered below may ask /health at once
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(WorkerStopped("the inference worker stopped"))
+                    job.future.set_exception(WorkerStopped(self.failure))
             raise
 
     def _run_group(self, group: list[_Job]) -> None:
