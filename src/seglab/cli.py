@@ -410,8 +410,10 @@ def _warn_if_val_is_train(model, data: str, args: argparse.Namespace) -> None:
     spec = resolve_dataset(data, cache_dir=cache, progress=False, task=model.card.task)
     if isinstance(spec, ShardSpec) or "train" not in spec.splits:
         return
-    samples = get_split(spec, args.split, **_holdout_of(model))[: args.limit]
-    shared = shared_images(samples, get_split(spec, "train", **_holdout_of(model)))
+    holdout = _holdout_of(model)
+    fraction, seed = float(holdout["val_fraction"]), int(holdout["seed"])
+    samples = get_split(spec, args.split, val_fraction=fraction, seed=seed)[: args.limit]
+    shared = shared_images(samples, get_split(spec, "train", val_fraction=fraction, seed=seed))
     if shared:
         image, other = shared[0]
         print(
