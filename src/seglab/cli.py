@@ -390,8 +390,8 @@ def _measured(model, data: str, args: argparse.Namespace, num_images: int) -> di
         "split": args.split,
         "num_images": num_images,
         "img_size": model.card.img_size,
-        "tta": bool(getattr(args, "tta", False)),
-        "slide": bool(getattr(args, "slide", False)),
+        "tta": args.tta,
+        "slide": args.slide,
         "limit": args.limit,
         "seglab_version": __version__,
     }
@@ -480,10 +480,10 @@ def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace)
     conf = DEFAULT_CONF if args.conf is None else args.conf
     coco: list[dict] = []
     names = output_names(sources)
-    for i, result in enumerate(_timed(model.iter_predict(sources, conf=conf, batch=args.batch), names)):
-        result.save(out, alpha=args.alpha, name=names[i])
-        name = result.path.name if result.path else f"image{i}"
-        coco += [{**entry, "file_name": name} for entry in result.to_coco(image_id=i)]
+    for i, (result, name) in enumerate(_timed(model.iter_predict(sources, conf=conf, batch=args.batch), names)):
+        result.save(out, alpha=args.alpha, name=name)
+        file_name = result.path.name if result.path else f"image{i}"
+        coco += [{**entry, "file_name": file_name} for entry in result.to_coco(image_id=i)]
     (out / "predictions.json").write_text(json.dumps(coco))
     print(f"predict: {_count(len(sources), 'image')}, {_count(len(coco), 'object')} scoring {conf:g} or more; "
           f"overlays, masks and labels in {out}; COCO results in predictions.json")  # fmt: skip
@@ -497,15 +497,16 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _timed(results: Iterator, names: list[str]) -> Iterator:
-    """The results, each announced in one line as it comes: name, size, what was found, time."""
+def _timed(results: Iterator, names: list[str]) -> Iterator[tuple[typing.Any, str]]:
+    """(result, output name) pairs, each result announced in one line as it comes: name, size, what
+    was found, time."""
     start = last = time.perf_counter()
     n = 0
-    for result, name in zip(results, names, strict=False):
+    for result, name in zip(results, names, strict=True):
         now = time.perf_counter()
         h, w = result.image.shape[:2]
         print(f"{result.path.name if result.path else name} {w}x{h}: {result.summary()}, {1000 * (now - last):.0f} ms")
-        yield result
+        yield result, name
         n, last = n + 1, time.perf_counter()
     if n > 1:
         took = time.perf_counter() - start
@@ -534,7 +535,7 @@ def _predict(args: argparse.Namespace) -> int:
     results = model.iter_predict(
         sources, tta=args.tta, slide=args.slide, img_size=args.img_size, batch=args.batch, save_conf=args.save_conf
     )
-    for result, name in zip(_timed(results, names), names, strict=True):
+    for result, name in _timed(results, names):
         result.save(out, save_conf=args.save_conf, alpha=args.alpha, name=name, unpainted=args.unpainted)
     print(f"predict: {_count(len(sources), 'image')}; masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     return 0

@@ -212,8 +212,8 @@ def draw_instances(
     ``boxes``, masks only."""
     from PIL import ImageDraw
 
-    out = np.array(image[..., :3] if image.ndim == 3 else np.repeat(image[..., None], 3, -1), np.float32)
-    if out.shape[-1] == 1:
+    out = np.array(image[..., :3] if image.ndim == 3 else image[..., None], np.float32)
+    if out.shape[-1] == 1:  # greyscale
         out = np.repeat(out, 3, -1)
     palette = [np.asarray(colors[k][:3], np.float32) for _, _, k in objects]
     if masks is not None:

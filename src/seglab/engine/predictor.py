@@ -108,12 +108,11 @@ class SegResult(Result):
     def _overlay(self, alpha: float, unpainted: Sequence[str] | None, legend: bool) -> Image.Image:
         skip = background_classes(self.classes) if unpainted is None else class_indices(unpainted, self.classes)
         picture = blend_image(self.image, self.mask, self.colors, alpha, skip)
-        if legend:
-            shares = sorted(((share, name) for name, share in self.areas().items()), reverse=True)
-            painted = [(s, n) for s, n in shares if self.classes.index(n) not in skip]
-            entries = [(f"{n} {100 * s:.0f}%" if s >= 0.01 else f"{n} <1%", self.colors[self.classes.index(n)])
-                       for s, n in painted]  # fmt: skip
-            draw_legend(picture, entries)
+        if legend:  # the classes painted, largest first
+            shares = self.areas()
+            painted = sorted(((shares[n], i) for i, n in enumerate(self.classes) if n in shares and i not in skip),
+                             reverse=True)  # fmt: skip
+            draw_legend(picture, [(f"{self.classes[i]} {_percent(s)}", self.colors[i]) for s, i in painted])
         return picture
 
     def areas(self) -> dict[str, float]:
@@ -149,6 +148,10 @@ class SegResult(Result):
             written["confidence"] = out / "confidence" / f"{stem}.png"
             atomic_save(confidence_image(self.confidence), written["confidence"])
         return written
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f}%" if share >= 0.01 else "<1%"
 
 
 def class_indices(names: Sequence[str], classes: Sequence[str]) -> list[int]:

@@ -29,7 +29,7 @@ def duration(seconds: float) -> str:
 class EpochProgress:
     """Wraps one epoch's loader; call :meth:`update` after each batch with the running means.
 
-    ``past`` is the wall time of the epochs this process has finished (validation included): the
+    ``past`` is the wall time of the epochs the run has finished (validation included): the
     run's ETA is the rest of this epoch plus their mean for each epoch left (before the first epoch
     ends, this epoch's pace stands in for them)."""
 

@@ -299,7 +299,6 @@ class Trainer:
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
-        self.epoch_times: list[float] = []  # wall time of each epoch this process ran, for the run's ETA
         if cfg.resume:
             assert checkpoint is not None
             self.run_dir, _ = resume_run_dir(cfg.resume, checkpoint["config"], out=cfg.out, name=cfg.name, log=self.log)
@@ -370,7 +369,6 @@ class Trainer:
         row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in values.items()})
         row.update(epoch=epoch + 1, lr=f"{next(iter(self.parts.values()))[0].param_groups[0]['lr']:.3e}")
         row["epoch_time_s"] = round(time.perf_counter() - t0, 1)
-        self.epoch_times.append(time.perf_counter() - t0)
         self.rows.append(row)
         usable = self._check_finite(epoch, {**train, **values})
         score = self.task.score
@@ -401,10 +399,11 @@ class Trainer:
         self.task.set_epoch(epoch, start)
         sums, count = self.partial if start else ({}, 0)
         sums = dict(sums)
+        past = [float(r["epoch_time_s"]) for r in self.rows if r.get("epoch_time_s") not in (None, "")]
         bar = EpochProgress(
             loader, epoch=epoch, epochs=cfg.epochs, start=start, total=start + len(loader), progress=self.progress,
             log=self.log, images_per_step=cfg.batch * self.dist.world, every_steps=cfg.log_interval,
-            every_s=cfg.log_seconds, past=self.epoch_times,
+            every_s=cfg.log_seconds, past=past,
         )  # fmt: skip
         for _, optimizer_scheduler in self.parts.items():
             optimizer_scheduler[0].zero_grad(set_to_none=True)
