@@ -386,7 +386,8 @@ def test_yaml_format_forces_a_layout(tiny_dataset):
 
 
 def test_registry_lists_every_layout():
-    assert list(FORMATS) == ["pairs", "voc", "cityscapes", "coco", "folders"]  # most generic last
+    expected = ["pairs", "voc", "cityscapes", "labelme", "cvat", "coco", "yolo", "folders"]  # most generic last
+    assert list(FORMATS) == expected
     with pytest.raises(SeglabError, match="did you mean 'coco'"):
         FORMATS.get_or_raise("cocoo")
 

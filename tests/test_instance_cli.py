@@ -34,6 +34,12 @@ def instance_run(facade: Path, tmp_path_factory) -> Path:
 def test_train_writes_the_run_folder(instance_run: Path):
     names = {p.name for p in instance_run.iterdir()}
     assert names >= {"config.yaml", "metrics.csv", "curves.png", "weights"}
+    # what a person looks at: the training images with their objects, val labels beside predictions,
+    # AP per class, the confusion matrix (a background row and column), all of it in report.html
+    pictures = {"train_batches.jpg", "val_predictions.jpg", "per_class.png", "confusion_matrix.png"}
+    assert names >= {*pictures, "report.html"}
+    report = (instance_run / "report.html").read_text()
+    assert all(f'src="{p}"' in report for p in pictures) and "mask AP" in report and ">window<" in report
     assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard
     rows = list(csv.DictReader((instance_run / "metrics.csv").open()))
     assert len(rows) == 1
@@ -72,6 +78,11 @@ def test_val_writes_ap_and_coco_results_for_the_original_file(instance_run: Path
     gt = COCO(str(facade / "train" / "_annotations.coco.json"))
     dt = gt.loadRes(results)
     assert set(dt.getImgIds()) <= set(gt.getImgIds())
+    # and the pictures of the 3 images scored, with report.html
+    assert {"val_predictions.jpg", "per_class.png", "confusion_matrix.png", "report.html"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert "report.html" in printed.splitlines()[-1]
 
 
 def test_predict_saves_overlays_masks_labels_and_coco_json(instance_run: Path, facade: Path, tmp_path: Path):

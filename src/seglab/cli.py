@@ -127,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(_parser=check)
     check.add_argument("path", nargs="?", help="dataset folder or data.yaml (or give it as --data)")
     check.add_argument("--data", help="the same as PATH, as train and val take it")
+    check.add_argument(
+        "--task", choices=["semantic", "instance"], default="semantic",
+        help="instance: count objects per class and image, box sizes, empty images, degenerate polygons",
+    )  # fmt: skip
+    convert = data_sub.add_parser(
+        "convert", help="write a dataset as PNG masks, COCO JSON or YOLO-seg labels", allow_abbrev=False
+    )
+    convert.set_defaults(_parser=convert)
+    convert.add_argument("source", metavar="SRC", help="dataset folder, data.yaml or built-in name (any layout)")
+    convert.add_argument("--to", required=True, metavar="FORMAT", help="png (semantic), coco (instance) or yolo")
+    convert.add_argument("--out", required=True, help="new or empty folder to write to")
+    convert.add_argument(
+        "--task", choices=["semantic", "instance"], default="semantic",
+        help="instance: read mask files as instance ids, one object per id (default: semantic masks)",
+    )  # fmt: skip
+    convert.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
     pack = data_sub.add_parser(
         "pack", help="write a dataset as tar shards (WebDataset format) with a dataset.json", allow_abbrev=False
     )
@@ -340,7 +356,7 @@ def _load(args: argparse.Namespace):
 
 
 def _val(args: argparse.Namespace) -> int:
-    from seglab.api import write_metrics
+    from seglab.engine.distributed import current
     from seglab.engine.runs import next_run_dir
     from seglab.metrics import format_table
 
@@ -348,71 +364,84 @@ def _val(args: argparse.Namespace) -> int:
     data = args.data or model.config.get("data")
     if not data:
         raise SeglabError(f"val: {args.weights} does not say which data it was trained on; pass --data")
-    _warn_if_val_is_train(model, data, args)
-    if model.card.task in DETECTOR_TASKS:
-        return _val_detector(model, data, args)
-    result = model.evaluate(
-        data,
-        split=args.split,
-        tta=args.tta,
-        slide=args.slide,
-        batch=args.batch,
-        workers=args.workers,
-        limit=args.limit,
-        data_cache=args.data_cache or model.config.get("data_cache"),
-        strict_data=args.strict_data,
-        **_holdout_of(model),
-    )
-    from seglab.engine.distributed import current
-
+    detector = model.card.task in DETECTOR_TASKS
+    if detector and (args.tta or args.slide):
+        raise SeglabError("val: --tta and --slide are for semantic models; drop them for a detector")
+    spec, samples = _val_samples(model, data, args)
+    common = dict(split=args.split, batch=args.batch, workers=args.workers, limit=args.limit,
+                  data_cache=args.data_cache or model.config.get("data_cache"), **_holdout_of(model))  # fmt: skip
+    predict = {} if detector else {"tta": args.tta, "slide": args.slide}
+    if detector:
+        evaluation = model.evaluate(data, **common)
+    else:
+        evaluation = model.evaluate(data, strict_data=args.strict_data, **predict, **common)
     if not current().is_main:  # under torchrun, rank 0 reports
         return 0
-    print(format_table(result.metrics))
-    for message in result.skipped:
-        print(f"val: skipped an unreadable sample: {message}")
+    if detector:
+        from seglab.instance.evaluate import format_ap_table
+
+        print(format_ap_table(evaluation.metrics))
+    else:
+        print(format_table(evaluation.metrics))
+        for message in evaluation.skipped:
+            print(f"val: skipped an unreadable sample: {message}")
     out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
-    result.metrics = {**_measured(model, data, args, result.metrics["num_images"]), **result.metrics}
-    path = write_metrics(result, out, model.classes)
-    print(
-        f"val: {result.metrics['num_images']} {args.split} images: mIoU {100 * result.metrics['miou']:.2f}, pixel "
-        f"accuracy {100 * result.metrics['pixel_accuracy']:.2f}; wrote {path} and {out / 'confusion_matrix.png'}"
-    )
+    metrics = {**_measured(model, data, args, evaluation.metrics["num_images"]), **evaluation.metrics}
+    files = {"metrics.json": metrics, **({"predictions.json": evaluation.results} if detector else {})}  # COCO results
+    scores = model.scores(evaluation)
+    wrote = _write_val(out, files, model, scores, spec, samples, predict)
+    shown = ", ".join(f"{name} {100 * v:.2f}" for name, v in scores.headline.items() if v is not None)
+    print(f"val: {metrics['num_images']} {args.split} images: {shown}; wrote {', '.join(str(p) for p in wrote)}")
     return 0
 
 
+def _write_val(out: Path, files: dict, model, scores, spec, samples: list, predict: dict) -> list[Path]:
+    """The JSON ``files``, the val pictures and report.html in ``out``; the files a user opens."""
+    import json
+
+    from seglab.engine.report import write_pictures, write_report
+    from seglab.files import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=2 if name == "metrics.json" else None))
+    write_pictures(out, model, samples, spec, scores, **predict)
+    metrics = files["metrics.json"]
+    facts = {k.replace("_", " "): str(v) for k, v in metrics.items() if k in MEASURED and v not in (None, False)}
+    title = f"seglab val: {Path(metrics['weights']).name} on {metrics['split']}"
+    return [*(out / name for name in files), write_report(out, title=title, facts=facts, scores=scores)]
+
+
+MEASURED = ("weights", "data", "split", "num_images", "img_size", "tta", "slide", "limit", "seglab_version")
+
+
 def _measured(model, data: str, args: argparse.Namespace, num_images: int) -> dict[str, typing.Any]:
-    """What metrics.json says it measured, before the figures."""
+    """What metrics.json says it measured (MEASURED), before the figures."""
     from seglab import __version__
 
-    return {
-        "weights": str(Path(args.weights).absolute()),
-        "data": str(data),
-        "split": args.split,
-        "num_images": num_images,
-        "img_size": model.card.img_size,
-        "tta": args.tta,
-        "slide": args.slide,
-        "limit": args.limit,
-        "seglab_version": __version__,
-    }
+    values = (str(Path(args.weights).absolute()), str(data), args.split, num_images, model.card.img_size,
+              args.tta, args.slide, args.limit, __version__)  # fmt: skip
+    return dict(zip(MEASURED, values, strict=True))
 
 
-def _warn_if_val_is_train(model, data: str, args: argparse.Namespace) -> None:
-    """A val split that shares images with training scores what the model has seen: say so."""
+def _val_samples(model, data: str, args: argparse.Namespace) -> tuple[typing.Any, list]:
+    """(the dataset spec, the samples val scores); warns when some are also training images, so the
+    scores overstate how the model does on images it has not seen."""
     import os
 
     from seglab.data import ShardSpec, get_split, resolve_dataset
     from seglab.data.check import shared_images
 
-    if args.split == "train" or os.environ.get("RANK", "0") != "0":
-        return
     cache = args.data_cache or model.config.get("data_cache")
     spec = resolve_dataset(data, cache_dir=cache, progress=False, task=model.card.task)
-    if isinstance(spec, ShardSpec) or "train" not in spec.splits:
-        return
+    if isinstance(spec, ShardSpec):
+        return spec, []
     holdout = _holdout_of(model)
     fraction, seed = float(holdout["val_fraction"]), int(holdout["seed"])
     samples = get_split(spec, args.split, val_fraction=fraction, seed=seed)[: args.limit]
+    if args.split == "train" or "train" not in spec.splits or os.environ.get("RANK", "0") != "0":
+        return spec, samples
     shared = shared_images(samples, get_split(spec, "train", val_fraction=fraction, seed=seed))
     if shared:
         image, other = shared[0]
@@ -421,6 +450,7 @@ def _warn_if_val_is_train(model, data: str, args: argparse.Namespace) -> None:
             f"({image} is {other}{', ...' if len(shared) > 1 else ''}); these scores overstate how the model "
             "does on images it has not seen"
         )
+    return spec, samples
 
 
 def _holdout_of(model) -> dict[str, float | int]:
@@ -428,43 +458,6 @@ def _holdout_of(model) -> dict[str, float | int]:
     val_fraction and seed), so `seglab val` scores the images training left out, not others."""
     config = model.config
     return {"val_fraction": config.get("val_fraction", 0.1), "seed": config.get("seed", 0)}
-
-
-def _val_detector(model, data: str, args: argparse.Namespace) -> int:
-    import json
-
-    from seglab.engine.runs import next_run_dir
-    from seglab.instance.evaluate import format_ap_table
-
-    if args.tta or args.slide:
-        raise SeglabError("val: --tta and --slide are for semantic models; drop them for a detector")
-    result = model.evaluate(
-        data,
-        split=args.split,
-        batch=args.batch,
-        workers=args.workers,
-        limit=args.limit,
-        data_cache=args.data_cache or model.config.get("data_cache"),
-        **_holdout_of(model),
-    )
-    from seglab.engine.distributed import current
-
-    if not current().is_main:  # under torchrun, rank 0 reports
-        return 0
-    print(format_ap_table(result.metrics))
-    out = Path(args.out) if args.out else next_run_dir("runs/val", args.name, exist_ok=False)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = {**_measured(model, data, args, result.metrics["num_images"]), **result.metrics}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "predictions.json").write_text(json.dumps(result.results))
-    shown = ", ".join(
-        f"{k} AP {100 * m['AP']:.2f} (AP50 {100 * m['AP50']:.2f})"
-        for k, m in result.metrics.items()
-        if k in ("box", "mask") and m["AP"] is not None
-    )
-    print(f"val: {metrics['num_images']} {args.split} images: {shown}; wrote {out / 'metrics.json'} and "
-          f"{out / 'predictions.json'} (COCO results)")  # fmt: skip
-    return 0
 
 
 def _predict_detector(model, sources: list, out: Path, args: argparse.Namespace) -> int:
@@ -544,15 +537,24 @@ def _predict(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "pack":
         return _pack(args)
+    if args.data_command == "convert":
+        from seglab.data.convert import convert_dataset
+
+        result = convert_dataset(args.source, args.to, args.out, task=args.task, data_cache=args.data_cache)
+        print(result.summary())
+        return 0
     if args.data_command != "check":
-        raise SeglabError("data: choose an action: seglab data check PATH, or seglab data pack --data D --out F")
+        raise SeglabError(
+            "data: choose an action: seglab data check PATH, seglab data convert SRC --to FORMAT --out DIR, "
+            "or seglab data pack --data D --out F"
+        )
     from seglab.data.check import check_dataset
 
     if args.path and args.data and args.path != args.data:
         raise SeglabError(f"data check: {args.path} or --data {args.data}? give the dataset once")
     if not (args.path or args.data):
         raise SeglabError("data check: which dataset? seglab data check PATH (or --data PATH)")
-    report = check_dataset(args.path or args.data)
+    report = check_dataset(args.path or args.data, task=args.task)
     print(report.format())
     return 0 if report.ok else 2  # what train would refuse: the same status as any user error
 

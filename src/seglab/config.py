@@ -53,7 +53,7 @@ class RunConfig:
     trust_weights: bool = False  # --resume: also load a checkpoint that needs pickled code (only files you made)
     val_interval: int = 1  # validate every N epochs
     save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs (0 = never)
-    plots: bool = True  # write curves.png
+    plots: bool = True  # write curves.png, the pictures and report.html (seglab.engine.report)
     log_interval: int = 50  # without a terminal (nohup, CI, > file): a log line every N steps (0 = never)
     log_seconds: float = 60.0  # ... and at least every this many seconds (0 = never)
 

@@ -1,12 +1,12 @@
 """``seglab demo``: the whole pipeline on a generated dataset, in about two minutes on 2 CPU cores.
 
 Generates shapes on textured backgrounds, trains a small U-Net, evaluates it against a
-chance baseline, predicts a few images and writes ``report.html`` with overlays.
+chance baseline, predicts a few images and writes ``report.html`` (seglab.engine.report) beside
+the val pictures; the training run's own report is in ``train/``.
 """
 
 from __future__ import annotations
 
-import html
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from seglab.api import load, train, write_metrics
+from seglab.data import get_split, resolve_dataset
 from seglab.data.synthetic import make_shapes_dataset
+from seglab.engine.report import write_pictures, write_report
 from seglab.metrics import format_table
 
 DEMO_SETTINGS: dict[str, Any] = dict(
@@ -60,34 +62,16 @@ def run_demo(out: Path, *, epochs: int | None = None) -> dict[str, float]:
     images = sorted((data / "images" / "val").glob("*.png"))[:6]
     for r in model.predict(images):  # type: ignore[union-attr]
         r.save(predictions)
-    report = write_report(out, result.metrics, chance, [p.stem for p in images], run.run_dir)
+    scores = model.scores(result)
+    spec = resolve_dataset(data, progress=False)
+    write_pictures(out, model, get_split(spec, "val"), spec, scores)
+    facts = {
+        "data": f"{data} (generated: 160 train, 40 val images)",
+        "weights": str(run.best),
+        "chance mIoU": f"{100 * chance:.2f} (always the most frequent class)",
+        "training": str(run.run_dir),
+    }
+    report = write_report(out, title="seglab demo", facts=facts, scores=scores)
     elapsed = time.perf_counter() - t0
     print(f"demo: done in {elapsed:.0f} s; open {report}")
     return {"miou": miou, "chance_miou": chance, "seconds": elapsed}
-
-
-def write_report(out: Path, metrics: dict, chance: float, stems: list[str], run_dir: Path) -> Path:
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{_pct(m['iou'])}</td><td>{_pct(m['dice'])}</td></tr>"
-        for name, m in metrics["per_class"].items()
-    )
-    figures = "".join(
-        f'<figure><img src="predict/overlays/{s}.jpg" width="192"><figcaption>{s}</figcaption></figure>' for s in stems
-    )
-    page = f"""<!doctype html><meta charset="utf-8"><title>seglab demo</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px}} figure{{display:inline-block}}</style>
-<h1>seglab demo</h1>
-<p>val mIoU <b>{_pct(metrics["miou"])}</b> (chance {100 * chance:.1f}), pixel accuracy
-{_pct(metrics["pixel_accuracy"])}.</p>
-<table><tr><th>class</th><th>IoU</th><th>Dice</th></tr>{rows}</table>
-<h2>Predictions</h2>{figures}
-<h2>Training</h2><img src="{run_dir.name}/curves.png" width="700">
-<p>Confusion matrix:</p><img src="val/confusion_matrix.png" width="420">
-"""
-    path = out / "report.html"
-    path.write_text(page)
-    return path
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"

@@ -24,6 +24,9 @@ def _series(rows: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> lis
     return [(int(r["epoch"]), scale * v) for r in rows if (v := _float(r.get(key))) is not None]
 
 
+SCORES = {"val_miou": "mIoU", "val_pixel_accuracy": "pixel accuracy"}  # plot_curves' default score labels
+
+
 def plot_curves(
     rows: Sequence[dict[str, Any]],
     path: str | Path,
@@ -55,7 +58,7 @@ def plot_curves(
     if not log:
         ax_loss.set_ylim(bottom=0)
     top = 0.0
-    for key, label in (scores or {"val_miou": "mIoU", "val_pixel_accuracy": "pixel accuracy"}).items():
+    for key, label in (scores or SCORES).items():
         points = _series(rows, key, 100.0)
         if not points:
             continue
@@ -71,8 +74,11 @@ def plot_curves(
         ax_lr.plot(*zip(*lr, strict=True), marker="o", markersize=3, color="tab:gray")
     ax_lr.set(title="learning rate (at the epoch's end)", xlabel="epoch")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    epochs = [int(r["epoch"]) for r in rows]
     for ax in (ax_loss, ax_score, ax_lr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs and min(epochs) == max(epochs):  # one epoch: an axis around it, not 0.95 to 1.05
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -208,8 +214,8 @@ def draw_instances(
 ) -> np.ndarray:
     """Objects drawn on ``image``: each mask blended in its class colour with a solid outline, its box,
     and a "class score" label on a filled tag of that colour, drawn last so that tags stay readable
-    where boxes overlap. ``objects`` are (class name, score, class index), best first; without
-    ``boxes``, masks only."""
+    where boxes overlap. ``objects`` are (class name, score, class index), best first (a NaN score:
+    a label, tagged with its name only); without ``boxes``, masks only."""
     from PIL import ImageDraw
 
     out = np.array(image[..., :3] if image.ndim == 3 else image[..., None], np.float32)
@@ -237,7 +243,7 @@ def draw_instances(
     if labels:
         tags: list[tuple[float, float, float, float]] = []
         for i, (name, score, _) in enumerate(objects):  # the best object's tag first, where it belongs
-            text = f"{name} {score:.2f}"
+            text = name if math.isnan(score) else f"{name} {score:.2f}"  # labels have no score
             x1, y1, _, y2 = (float(v) for v in boxes[i])
             w, h = draw.textlength(text, font=face) + 4, face.size + 4
             x, y = min(x1, picture.width - w), y1 - h if y1 >= h else y1  # above the box, or just inside
@@ -248,3 +254,80 @@ def draw_instances(
             draw.rectangle(tags[-1], fill=color)
             draw.text((x + 2, y + 2), text, fill=text_color(color), font=face)
     return np.asarray(picture)
+
+
+def plot_per_class(
+    values: dict[str, float | None], path: str | Path, *, title: str, colors: Sequence[Sequence[int]]
+) -> Path:
+    """A horizontal bar per class (fractions, shown x 100) in the class's colour, the worst at the
+    bottom where the eye ends; a class with no score (absent from the split) says "n/a"."""
+    from matplotlib.figure import Figure
+
+    names = list(values)
+    order = sorted(range(len(names)), key=lambda i: -1.0 if values[names[i]] is None else values[names[i]] or 0.0)
+    fig = Figure(figsize=(7, max(2.0, 0.32 * len(names) + 1.2)), dpi=100)
+    ax = fig.subplots()
+    for row, i in enumerate(order):
+        value = values[names[i]]
+        color = [c / 255 for c in colors[i][:3]] if i < len(colors) else "tab:blue"
+        ax.barh(row, 100 * (value or 0.0), color=color, edgecolor="black", linewidth=0.5)
+        ax.text(
+            100 * (value or 0.0) + 1, row, "n/a" if value is None else f"{100 * value:.1f}", va="center", fontsize=8
+        )
+    ax.set_yticks(range(len(order)), labels=[names[i] for i in order], fontsize=8)
+    ax.set(xlim=(0, 110), title=title, xlabel="%")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def tile_grid(
+    tiles: Sequence[tuple[np.ndarray, str]],
+    columns: int,
+    *,
+    tile: int = 320,
+    legend: Sequence[tuple[str, Sequence[int]]] = (),
+) -> Image.Image:
+    """(picture, caption) tiles, each scaled to ``tile`` px on its long side (small ones enlarged
+    pixel for pixel), in rows of ``columns`` on a white sheet, each caption (cut to fit) above its tile, and the
+    ``legend`` (name, colour) swatches in rows below."""
+    from PIL import ImageDraw
+
+    face = font((tile, tile))
+    head, pad = face.size + 6, 4
+    scaled = []
+    for picture, caption in tiles:
+        image = Image.fromarray(picture).convert("RGB")
+        scale = tile / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        scaled.append(
+            (image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS), caption)
+        )
+    cell = (tile + pad, max((im.height for im, _ in scaled), default=0) + head + pad)
+    width = columns * cell[0] + pad
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = [(name, color, measure.textlength(name, font=face) + face.size + 3 * pad) for name, color in legend]
+    lines, x = 1 if entries else 0, pad
+    for *_, w in entries:
+        if x + w > width and x > pad:
+            lines, x = lines + 1, pad
+        x += w
+    rows = math.ceil(len(scaled) / columns)
+    sheet = Image.new("RGB", (width, rows * cell[1] + pad + lines * (face.size + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, caption) in enumerate(scaled):
+        x, y = pad + (k % columns) * cell[0], pad + (k // columns) * cell[1]
+        while len(caption) > 1 and draw.textlength(caption, font=face) > tile:
+            caption = caption[:-2] + "…"  # a long file name stops at its tile's edge
+        draw.text((x, y), caption, fill=(0, 0, 0), font=face)
+        sheet.paste(image, (x, y + head))
+    x, y = pad, rows * cell[1] + pad
+    for name, color, w in entries:
+        if x + w > width and x > pad:
+            x, y = pad, y + face.size + pad
+        draw.rectangle([x, y, x + face.size, y + face.size], fill=tuple(int(c) for c in color[:3]), outline=(0, 0, 0))
+        draw.text((x + face.size + pad, y), name, fill=(0, 0, 0), font=face)
+        x += w
+    return sheet

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,21 +81,12 @@ class CheckReport:
 
     def format(self) -> str:
         """A readable report: splits, notes, problems, class histogram with suggested weights."""
-        lines = [
+        title = (
             f"dataset {self.root}: {self.layout} layout, {self.mask_encoding} masks, "
-            f"{len(self.classes)} classes, ignore_index {self.ignore_index}",
-            "splits: " + ", ".join(f"{name} {n}" for name, n in self.split_counts.items()),
-        ]
-        lines += [f"  note: {note}" for note in self.notes]
-        if self.problems:
-            lines.append(f"problems ({len(self.problems)}):")
-            lines += [f"  - {p.message}" for p in self.problems[:MAX_SHOWN_PROBLEMS]]
-            if len(self.problems) > MAX_SHOWN_PROBLEMS:
-                lines.append(f"  ... and {len(self.problems) - MAX_SHOWN_PROBLEMS} more")
-        lines += ["", *self._histogram()]
-        verdict = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
-        lines += ["", f"{verdict} ({self.samples_checked} samples checked in {self.seconds:.1f} s)"]
-        return "\n".join(lines)
+            f"{len(self.classes)} classes, ignore_index {self.ignore_index}"
+        )
+        lines = [*report_head(title, self.split_counts, self.notes, self.problems), "", *self._histogram()]
+        return "\n".join([*lines, "", verdict(self.problems, f"{self.samples_checked} samples", self.seconds)])
 
     def _histogram(self) -> list[str]:
         labelled = int(self.class_counts.sum())
@@ -122,6 +114,24 @@ class CheckReport:
                 "(mean 1), enet = 1/ln(1.02 + p); use with seglab train --class-weights METHOD"
             )
         return lines
+
+
+def report_head(title: str, split_counts: dict[str, int], notes: list[str], problems: list[Problem]) -> list[str]:
+    """The first lines of a ``data check`` report: the dataset, its splits, the notes, the problems."""
+    lines = [title, "splits: " + ", ".join(f"{name} {n}" for name, n in split_counts.items())]
+    lines += [f"  note: {note}" for note in notes]
+    if problems:
+        lines.append(f"problems ({len(problems)}):")
+        lines += [f"  - {p.message}" for p in problems[:MAX_SHOWN_PROBLEMS]]
+        if len(problems) > MAX_SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(problems) - MAX_SHOWN_PROBLEMS} more")
+    return lines
+
+
+def verdict(problems: list[Problem], checked: str, seconds: float) -> str:
+    """The last line of a ``data check`` report: OK, or how many problems."""
+    status = "OK" if not problems else f"FAILED: {len(problems)} problem(s)"
+    return f"{status} ({checked} checked in {seconds:.1f} s)"
 
 
 def _check_sample(sample: Sample, spec: DatasetSpec) -> _SampleResult:
@@ -209,12 +219,18 @@ def class_pixel_counts(samples: Sequence[Sample], spec: DatasetSpec) -> tuple[np
     return class_counts, image_counts
 
 
-def check_dataset(data: str | Path, *, val_fraction: float = 0.1) -> CheckReport:
-    """Check every sample of every split of the dataset at ``data`` (a folder or data.yaml).
+def check_dataset(data: str | Path, *, val_fraction: float = 0.1, task: str = "semantic") -> Any:
+    """Check every sample of every split of the dataset at ``data`` (a folder or data.yaml): a
+    :class:`CheckReport`, or with ``task`` "instance" the objects' report of
+    :func:`seglab.data.check_instance.check_instances`.
 
     Problems do not raise: they are collected in ``report.problems`` (``report.ok`` is False).
     A dataset whose layout cannot be understood at all still raises SeglabError.
     """
+    if task == "instance":
+        from seglab.data.check_instance import check_instances
+
+        return check_instances(data, val_fraction=val_fraction)
     start = time.perf_counter()
     spec = resolve_dataset(data, strict=False)
     problems = [Problem("layout", None, p) for p in spec.problems]

@@ -39,7 +39,7 @@ class Sample:
 @dataclass
 class DatasetSpec:
     root: Path
-    format: str  # pairs, folders, voc, cityscapes, coco
+    format: str  # pairs, folders, voc, cityscapes, coco, labelme, cvat, yolo
     classes: list[str]
     colors: list[tuple[int, int, int]]
     ignore_index: int
@@ -64,7 +64,7 @@ class DataConfig:
     """The keys a ``data.yaml`` may hold. Relative paths are relative to the YAML file."""
 
     path: str = "."  # dataset root
-    format: str = "auto"  # auto, pairs, folders, voc, cityscapes, coco
+    format: str = "auto"  # auto, pairs, folders, voc, cityscapes, coco, labelme, cvat, yolo
     train: str | None = None  # split source: a pair list, a folder, an ImageSet name, a COCO json
     val: str | None = None
     test: str | None = None
@@ -73,3 +73,4 @@ class DataConfig:
     ignore_index: int | None = None  # label value that is not scored (default 255)
     mask_encoding: str = "auto"  # auto, index, rgb, binary, instance (instance-id masks, 0 = background)
     class_map: str | None = None  # instance masks: a JSON {mask file name: {instance id: class name}}
+    names: list[str] | None = None  # yolo: Ultralytics' class names, YOLO class 0 first (seglab adds background)

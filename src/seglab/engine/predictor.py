@@ -35,6 +35,15 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.card.classes
 
+    def truth(self, sample: Any, spec: Any) -> Result:
+        """A dataset sample's labels as a :class:`Result` of this task: what the report draws beside
+        the prediction."""
+        raise NotImplementedError
+
+    def scores(self, evaluation: Any) -> Any:
+        """What ``evaluate`` returned, as the report shows it: a :class:`seglab.engine.report.Scores`."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         card, shown = self.card, ", ".join(self.card.classes[:6])
         more = f", ... {len(card.classes) - 6} more" if len(card.classes) > 6 else ""
@@ -63,8 +72,9 @@ class Result:
     def stem(self) -> str:
         return self.path.stem if self.path else "image"
 
-    def plot(self, *, alpha: float = 0.5) -> np.ndarray:
-        """The prediction drawn on the image, (H, W, 3) uint8."""
+    def plot(self, *, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
+        """The prediction drawn on the image, (H, W, 3) uint8; ``legend``: with a list of the classes
+        drawn on it (where the task's drawing does not name them on the objects already)."""
         raise NotImplementedError
 
     def summary(self) -> str:
@@ -92,6 +102,7 @@ class SegResult(Result):
     colors: list[tuple[int, int, int]]
     confidence: np.ndarray | None = None  # (H, W) float32, probability of the chosen class
     path: Path | None = None
+    unlabelled: int | None = None  # a label's ignore index: never painted (ground truth drawn as a result)
 
     @property
     def task(self) -> str:
@@ -102,11 +113,12 @@ class SegResult(Result):
         ``unpainted``: class names left as the image is (default: a class named background)."""
         return np.asarray(self._overlay(alpha, unpainted, legend))
 
-    def plot(self, *, alpha: float = 0.5) -> np.ndarray:
-        return self.overlay(alpha)
+    def plot(self, *, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
+        return self.overlay(alpha, legend=legend)
 
     def _overlay(self, alpha: float, unpainted: Sequence[str] | None, legend: bool) -> Image.Image:
         skip = background_classes(self.classes) if unpainted is None else class_indices(unpainted, self.classes)
+        skip += [] if self.unlabelled is None else [self.unlabelled]
         picture = blend_image(self.image, self.mask, self.colors, alpha, skip)
         if legend:  # the classes painted, largest first
             shares = self.areas()

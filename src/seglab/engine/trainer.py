@@ -10,6 +10,7 @@ A run lives in ``<out>/<name>/``:
     config.yaml       the resolved config
     metrics.csv       one row per epoch: the task's losses and val metrics
     curves.png        losses, val scores (a star on the best epoch) and learning rate per epoch
+    report.html       the last validation's figures and pictures (seglab.engine.report names them)
     events.out.tfevents.*  TensorBoard
     weights/last.pt   everything needed to --resume (and the shipped weights, so val/predict take it)
     weights/best.pt   the weights with the best val score (the task names the file and the score)
@@ -22,7 +23,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,10 +49,11 @@ from seglab.engine.checkpoint import (
 from seglab.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed
 from seglab.engine.inference import amp_dtype, resolve_device
 from seglab.engine.progress import EpochProgress
+from seglab.engine.report import write_examples, write_pictures, write_report
 from seglab.engine.runs import RESUME_OVERRIDES, next_run_dir, restore_rows, resume_run_dir, write_csv
 from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
-from seglab.plots import plot_curves
+from seglab.plots import SCORES, plot_curves
 
 Step = Generator[tuple[str, torch.Tensor, dict[str, float]], None, None]  # (network, loss to minimise, values to log)
 
@@ -169,6 +171,15 @@ class Task:
 
     def done_line(self, best: float, weights: Path) -> str:
         return f"done; weights in {weights}"
+
+    def examples(self) -> list[Any]:
+        """A few augmented training samples as results with their labels (train_batches.jpg); none here."""
+        return []
+
+    def evaluation(self, model: nn.Module) -> tuple[Any, Sequence[Any], Any, Any] | None:
+        """What the last validation's pictures and report.html are drawn from: (the shipped ``model`` as a
+        predictor, the val samples, the dataset spec, the validation's Scores); None: no report."""
+        return None
 
     def after_epoch(self, run_dir: Path, epoch: int, model: nn.Module) -> None:
         """Files of the task's own after an epoch (main rank only), such as sample grids of ``model``."""
@@ -341,6 +352,8 @@ class Trainer:
         command = self.task.command
         with stop_on_signals(self):
             self.log(f"{command}: run folder {self.run_dir}")  # from here on, SIGINT/SIGTERM save and stop
+            if self.cfg.plots and self.dist.is_main and not (self.start_epoch or self.start_batch):
+                self._draw_examples()
             try:
                 for epoch in range(self.start_epoch, self.cfg.epochs):
                     self._run_epoch(epoch)
@@ -539,7 +552,41 @@ class Trainer:
             save_checkpoint(weights / self.task.best, {**self.task.payload(self._shipped_model()), **lean})
         if self.cfg.plots:
             plot_curves(self.rows, self.run_dir / "curves.png", **self.task.curves, best=self.task.score)
+            if metrics is not None:
+                self._write_report(epoch)
         self.task.after_epoch(self.run_dir, epoch, self._shipped_model())
+
+    def _draw_examples(self) -> None:
+        """train_batches.jpg, before the first step; the random generators are left as they were, so
+        that a run draws the same augmentations with plots on or off."""
+        state = rng_state()
+        examples = self.task.examples()
+        restore_rng(state)
+        if examples:
+            write_examples(self.run_dir / "train_batches.jpg", examples)
+
+    def _write_report(self, epoch: int) -> None:
+        """The val pictures and report.html of the validation just done (see seglab.engine.report)."""
+        view = self.task.evaluation(self._shipped_model())
+        if view is None:
+            return
+        from seglab import __version__
+
+        predictor, samples, spec, scores = view
+        write_pictures(self.run_dir, predictor, samples, spec, scores)
+        facts = {
+            "run": str(self.run_dir),
+            "model": self.task.summary(),
+            "data": str(self.cfg.data),
+            "epoch": f"{epoch + 1} of {self.cfg.epochs} (the figures are this epoch's)",
+        }
+        score = self.task.score
+        if score is not None and self.best_score >= 0:
+            best = next(r["epoch"] for r in self.rows if r[score] == self.best_score)
+            name = self.task.curves.get("scores", SCORES).get(score, score)
+            facts["best"] = f"{name} {100 * self.best_score:.2f} at epoch {best} (weights/{self.task.best})"
+        facts["seglab"] = __version__
+        write_report(self.run_dir, title=f"seglab {self.task.command}: {self.run_dir.name}", facts=facts, scores=scores)
 
     def _shipped_model(self) -> nn.Module:
         """The weights that are evaluated and saved for use: the EMA ones when EMA is on."""

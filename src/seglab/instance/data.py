@@ -39,6 +39,17 @@ class Instances:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def of_target(cls, target: dict[str, Any]) -> Instances:
+        """The objects of an :class:`InstanceDataset` target (tensors) as numpy arrays."""
+        return cls(
+            masks=target["masks"].numpy(),
+            boxes=target["boxes"].numpy(),
+            labels=target["labels"].numpy(),
+            crowd=target["iscrowd"].numpy().astype(bool),
+            area=target["area"].numpy(),
+        )
+
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
     """(N, H, W) masks -> (N, 4) tight boxes x1, y1, x2 + 1, y2 + 1; an empty mask gives zeros."""

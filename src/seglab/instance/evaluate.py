@@ -27,12 +27,13 @@ from torchvision.models.detection import FasterRCNN
 
 from seglab.instance.data import InstanceDataset, Instances, collate_instances
 from seglab.instance.models import DETECTIONS_PER_IMAGE
-from seglab.instance.predictor import Detections, detect
+from seglab.instance.predictor import DEFAULT_CONF, Detections, detect
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = {"bbox": "box", "segm": "mask"}  # pycocotools' name -> ours
 MAX_DETS = DETECTIONS_PER_IMAGE  # COCO's maxDets: COCOeval never scores more per image
 MIN_SCORE = 0.05  # torchvision's box_score_thresh and detectron2's test threshold: the model's own floor
+CONFUSION_IOU = 0.5  # a detection and a labelled object whose boxes overlap this much are a match
 
 
 def rle_encode(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -145,10 +146,39 @@ class CocoAccumulator:
         return per_class
 
 
+def confusion_counts(truth: Instances, found: Detections, num_classes: int) -> np.ndarray:
+    """One image's [K + 1, K + 1] counts, rows the labelled class and columns the detected one (classes
+    1..K at 0..K-1, background at K), of the detections scoring at least DEFAULT_CONF (what predict
+    shows). Matching is greedy by box IoU and ignores the class, so one class taken for another shows;
+    a labelled object nothing matched counts as detected background, a detection that matched nothing
+    as labelled background. Crowd regions are left out."""
+    from torchvision.ops import box_iou
+
+    background = num_classes - 1
+    out = np.zeros((num_classes, num_classes), np.int64)
+    labels, boxes = truth.labels[~truth.crowd], truth.boxes[~truth.crowd]
+    shown = found.scores >= DEFAULT_CONF
+    detected, detected_boxes = found.labels[shown], found.boxes[shown]
+    free_truth, free_found = set(range(len(labels))), set(range(len(detected)))
+    if len(labels) and len(detected):
+        iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(detected_boxes)).numpy()
+        for t, f in sorted(zip(*np.nonzero(iou >= CONFUSION_IOU), strict=True), key=lambda tf: -iou[tf]):
+            if t in free_truth and f in free_found:
+                free_truth.discard(t)
+                free_found.discard(f)
+                out[labels[t] - 1, detected[f] - 1] += 1
+    for t in free_truth:
+        out[labels[t] - 1, background] += 1
+    for f in free_found:
+        out[background, detected[f] - 1] += 1
+    return out
+
+
 @dataclass
 class DetectionEval:
     metrics: dict[str, Any]  # CocoAccumulator.compute()
     results: list[dict[str, Any]]  # COCO results entries; image_id = the COCO file's id when there is one
+    confusion: np.ndarray  # [K + 1, K + 1]: see confusion_counts (background last)
 
 
 @torch.no_grad()
@@ -169,7 +199,7 @@ def evaluate_detector(
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    from seglab.engine.distributed import current, gather_objects
+    from seglab.engine.distributed import all_reduce_sum, current, gather_objects
 
     model.eval()
     has_masks = bool(model.roi_heads.has_mask())
@@ -178,25 +208,22 @@ def evaluate_detector(
     share = Subset(dataset, range(dist.rank, len(dataset), dist.world))
     loader = DataLoader(share, batch_size=batch, num_workers=workers, collate_fn=collate_instances)
     results: list[dict[str, Any]] = []
+    confusion = np.zeros((len(dataset.spec.classes),) * 2, np.int64)
     for images, targets in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         xs = [im.to(device).float().div_(255) for im in images]
         found = detect(model, xs, dataset.spec.classes, min_score=MIN_SCORE, max_dets=MAX_DETS)
         for image, target, detections in zip(images, targets, found, strict=True):
             index = target["image_id"]
-            inst = Instances(
-                masks=target["masks"].numpy(),
-                boxes=target["boxes"].numpy(),
-                labels=target["labels"].numpy(),
-                crowd=target["iscrowd"].numpy().astype(bool),
-                area=target["area"].numpy(),
-            )
+            inst = Instances.of_target(target)
             acc.add_ground_truth(index, tuple(image.shape[-2:]), inst)
+            confusion += confusion_counts(inst, detections, len(dataset.spec.classes))
             entries = to_coco_results(index, detections, masks=has_masks)
             acc.results += entries
             coco_id = dataset.samples[index].coco_id
             results += [{**e, "image_id": coco_id if coco_id is not None else index} for e in entries]
     acc.gather()
-    return DetectionEval(acc.compute(), gather_objects(results))
+    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
+    return DetectionEval(acc.compute(), gather_objects(results), confusion)
 
 
 def to_coco_results(image_id: int, detections: Detections, *, masks: bool = True) -> list[dict[str, Any]]:

@@ -87,8 +87,9 @@ class InstanceResult(Result):
                 out[inst.masks[i]] = i + 1
         return out
 
-    def plot(self, *, alpha: float = 0.5, boxes: bool = True, labels: bool = True) -> np.ndarray:
-        """The image with each object's mask, box and "class score" label drawn, (H, W, 3) uint8."""
+    def plot(self, *, alpha: float = 0.5, legend: bool = True, boxes: bool = True, labels: bool = True) -> np.ndarray:
+        """The image with each object's mask, box and "class score" label drawn, (H, W, 3) uint8 (the
+        labels are the legend: ``legend`` changes nothing)."""
         from seglab.plots import draw_instances
 
         inst = self.instances
@@ -232,6 +233,37 @@ class DetectorModel(Predictor):
             progress=progress,
             desc=f"val {split}",
         )
+
+    def truth(self, sample: Any, spec: Any) -> InstanceResult:
+        from seglab.data import read_image
+        from seglab.instance.data import read_instances
+
+        return labelled(read_image(sample.image, 3), read_instances(sample, spec), self.card, sample.image)
+
+    def scores(self, evaluation: Any) -> Any:
+        from seglab.engine.report import Scores
+
+        m, colors = evaluation.metrics, self.card.colors
+        kinds = [k for k in ("mask", "box") if k in m]  # the first one picks best.pt
+        names = list(m[kinds[0]]["per_class"])  # the classes after background
+        rows = [(n, tuple(colors[i]), [m[k]["per_class"][n] for k in kinds]) for i, n in enumerate(names, start=1)]
+        headline = {f"{k} {stat}": m[k][stat] for k in kinds for stat in ("AP", "AP50")}
+        return Scores(headline, [f"{k} AP" for k in kinds], rows, evaluation.confusion, [*names, "background"])
+
+
+def labelled(image: np.ndarray, inst: Any, card: ModelCard, path: Path | None) -> InstanceResult:
+    """Labelled objects (:class:`seglab.instance.data.Instances`, crowd regions left out) as a result
+    to draw: tags name the class without a score; a box detector's have no masks."""
+    keep = ~inst.crowd
+    labels = inst.labels[keep]
+    found = Detections(
+        boxes=inst.boxes[keep],
+        labels=labels,
+        scores=np.full(len(labels), np.nan, np.float32),
+        masks=inst.masks[keep].astype(bool) if card.task == "instance" else None,
+        names=[card.classes[k] for k in labels],
+    )
+    return InstanceResult(image, found, card.classes, card.colors, path)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ best.pt holds the weights of the best val mask AP (box AP for detect).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,11 +18,13 @@ from torch import nn
 from seglab.data import resolve_dataset, train_val_splits
 from seglab.engine.checkpoint import ModelCard, make_payload
 from seglab.engine.inference import amp_dtype
+from seglab.engine.report import EXAMPLES
 from seglab.engine.trainer import Step, Task
 from seglab.errors import SeglabError
-from seglab.instance.data import InstanceDataset, collate_instances, train_transform
+from seglab.instance.data import InstanceDataset, Instances, collate_instances, train_transform
 from seglab.instance.evaluate import evaluate_detector
 from seglab.instance.models import DEFAULT_BACKBONE, DetectorSpec, build_detector, mixed_precision
+from seglab.instance.predictor import labelled
 from seglab.semantic.task import check_sync_bn, single_model
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -133,15 +136,31 @@ class InstanceTask(Task):
         yield "model", loss, {"train_loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
     def validate(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        metrics = evaluate_detector(
+        self.last_eval = evaluate_detector(
             model, self.val_set, device=self.device, workers=self.cfg.workers, progress=self.trainer.progress
-        ).metrics
+        )
+        metrics = self.last_eval.metrics
         values: dict[str, Any] = {}
         for kind in ("box", "mask"):
             if kind in metrics:
                 values[f"val_{kind}_ap"] = metrics[kind]["AP"] or 0.0
                 values[f"val_{kind}_ap50"] = metrics[kind]["AP50"] or 0.0
         return values, metrics
+
+    def examples(self) -> list[Any]:
+        out = []
+        for i in range(min(EXAMPLES, len(self.train_set))):
+            try:
+                image, target = self.train_set[i]
+            except SeglabError:  # an unreadable sample: training names it when it meets it
+                continue
+            inst = Instances.of_target(target)
+            out.append(labelled(image.permute(1, 2, 0).numpy(), inst, self.card, self.train_set.samples[i].image))
+        return out
+
+    def evaluation(self, model: nn.Module) -> tuple[Any, Sequence[Any], Any, Any]:
+        predictor = self.predictor(model, self.card, device=str(self.device))
+        return predictor, self.val_set.samples, self.spec, predictor.scores(self.last_eval)
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} AP {100 * row[f'val_{k}_ap']:.2f}" for k in ("box", "mask") if row[f"val_{k}_ap"] != "")

@@ -221,6 +221,31 @@ class SegModel(Predictor):
             desc=f"val {split}",
         )
 
+    def truth(self, sample: Any, spec: Any) -> SegResult:
+        from seglab.data import read_image, read_mask
+
+        image = read_image(sample.image, self.card.in_channels)
+        mask = read_mask(sample, spec)
+        if mask.shape != image.shape[:2]:  # a label at another resolution, drawn at the image's
+            mask = TF.resize(torch.from_numpy(mask)[None], list(image.shape[:2]), TF.InterpolationMode.NEAREST)[
+                0
+            ].numpy()
+        card = self.card
+        return SegResult(image, mask, card.classes, card.colors, path=sample.image, unlabelled=spec.ignore_index)
+
+    def scores(self, evaluation: EvalResult) -> Any:
+        from seglab.engine.report import Scores
+
+        m, card = evaluation.metrics, self.card
+        rows = [
+            (name, tuple(color), [c["iou"], c["dice"], c["precision"], c["recall"]])
+            for (name, c), color in zip(m["per_class"].items(), card.colors, strict=True)
+        ]
+        headline = {"mIoU": m["miou"], "pixel accuracy": m["pixel_accuracy"], "mean Dice": m["mdice"]}
+        return Scores(
+            headline, ["IoU", "Dice", "precision", "recall"], rows, evaluation.confusion.numpy(), card.classes
+        )
+
 
 def check_img_size(img_size: int | None, slide: bool) -> None:
     """Sizes that the prediction path can hold in memory: --img-size 0 (the image's own size) only

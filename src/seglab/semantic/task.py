@@ -6,7 +6,9 @@ best.pt holds the weights of the best val mIoU.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +33,8 @@ from seglab.engine.checkpoint import ModelCard, build_from, card_from_dict, make
 from seglab.engine.distributed import gather_objects
 from seglab.engine.evaluator import evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize
+from seglab.engine.predictor import SegResult
+from seglab.engine.report import EXAMPLES
 from seglab.engine.schedule import build_optimizer, build_scheduler
 from seglab.engine.trainer import Step, Task
 from seglab.errors import SeglabError
@@ -277,12 +281,31 @@ class SemanticTask(Task):
                 f"{cfg.data}: the val split has no labelled pixels (all are ignore index "
                 f"{self.spec.ignore_index}); check its masks with `seglab data check`"
             )
+        self.last_eval = result
         values = {
             "val_loss": result.loss if result.loss is not None else "",
             "val_miou": result.metrics["miou"],
             "val_pixel_accuracy": result.metrics["pixel_accuracy"],
         }
         return values, result.metrics
+
+    def examples(self) -> list[Any]:
+        if isinstance(self.spec, ShardSpec):
+            return []
+        spec, out = self.spec, []
+        for i in range(min(EXAMPLES, len(self.train_set))):
+            item = self.train_set[i]
+            if "image" in item:  # not an unreadable sample
+                image, mask = item["image"].permute(1, 2, 0).numpy(), item["mask"].numpy()
+                path = self.train_set.samples[i].image
+                out.append(SegResult(image, mask, spec.classes, spec.colors, path=path, unlabelled=spec.ignore_index))
+        return out
+
+    def evaluation(self, model: nn.Module) -> tuple[Any, Sequence[Any], Any, Any]:
+        # a copy: the predictor puts its model in channels-last eval mode, and training goes on with this one
+        predictor = self.predictor(copy.deepcopy(model), self.card, device=str(self.device))
+        samples = [] if isinstance(self.spec, ShardSpec) else self.val_set.samples
+        return predictor, samples, self.spec, predictor.scores(self.last_eval)
 
     def _report_bad(self, bad: list[str], split: str) -> None:
         """Name each unreadable sample once per run; count them in every epoch."""

@@ -35,18 +35,24 @@ from seglab.data.formats.common import (
     _listing,
     _validate_config,
     color_palette,
+    has_objects,
     thread_map,
     too_many_classes,
 )
 
 # Importing a layout module registers it in FORMATS, and _detect tries FORMATS in insertion order,
-# so these imports set the detection order (pairs, voc, cityscapes, coco, folders): a folder can
-# fit more than one layout and the first match wins. Keep them in this order.
+# so these imports set the detection order (pairs, voc, cityscapes, labelme, cvat, coco, yolo,
+# folders): a folder can fit more than one layout and the first match wins. LabelMe's JSONs may sit
+# in annotations/, where coco looks, and YOLO's labels/<split> is a mask folder to folders, so both
+# go first. Keep them in this order.
 # isort: off
 from seglab.data.formats.pairs import CAMVID_CLASSES, CAMVID_COLORS, load_pairs
 from seglab.data.formats.voc import VOC_CLASSES, load_voc
 from seglab.data.formats.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_COLORS, load_cityscapes
+from seglab.data.formats.labelme import load_labelme
+from seglab.data.formats.cvat import load_cvat
 from seglab.data.formats.coco import load_coco
+from seglab.data.formats.yolo import load_yolo, read_ultralytics
 from seglab.data.formats.folders import IMAGE_DIRS, MASK_DIRS, MASK_SUFFIXES, load_folders
 
 # isort: on
@@ -79,9 +85,12 @@ __all__ = [
     "get_split",
     "load_cityscapes",
     "load_coco",
+    "load_cvat",
     "load_folders",
+    "load_labelme",
     "load_pairs",
     "load_voc",
+    "load_yolo",
     "resolve_dataset",
     "split_names",
     "thread_map",
@@ -101,7 +110,7 @@ def _read_config(data: Path) -> tuple[Path, DataConfig, Path | None]:
         yaml_path = next((data / n for n in ("data.yaml", "data.yml") if (data / n).is_file()), None)
     if yaml_path is None:
         return data, DataConfig(), None
-    cfg = build_config(DataConfig, read_yaml(yaml_path), str(yaml_path))
+    cfg = build_config(DataConfig, read_ultralytics(read_yaml(yaml_path), str(yaml_path)), str(yaml_path))
     _validate_config(cfg, str(yaml_path))
     root = yaml_path.parent / cfg.path if data.is_file() else data / cfg.path
     return Path(os.path.normpath(root)), cfg, yaml_path
@@ -172,7 +181,7 @@ def resolve_dataset(
             f"dataset folder {root} is empty; put the images and masks there (e.g. images/train, masks/train)"
         )
     name = cfg.format if cfg.format != "auto" else _detect(root, cfg)
-    if task in ("instance", "detect") and cfg.mask_encoding == "auto" and name != "coco":
+    if task in ("instance", "detect") and cfg.mask_encoding == "auto" and not has_objects(name):
         cfg = replace(cfg, mask_encoding="instance")
     spec = FORMATS[name].load(root, cfg)
     if yaml_path is not None:

@@ -15,11 +15,11 @@ from seglab.data.formats.common import (
     _finish,
     _listing,
     _register,
+    _size_problem,
     _spec,
     read_text,
     thread_map,
 )
-from seglab.data.io import MAX_PIXELS, UnreadableImage, probe_image
 from seglab.data.spec import DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError, short
 
@@ -100,32 +100,6 @@ def _is(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types) and not isinstance(value, bool)  # JSON true is not an id
 
 
-def _size_problem(json_path: Path, found: tuple[dict[str, Any], Path]) -> str | None:
-    """Why the declared size of ``found`` (an image entry of ``json_path`` and its file) cannot be trusted, or None.
-
-    Masks are drawn at the declared size, so it is checked before any is: against the size in the
-    image file's header (only the header is read) and a pixel cap. A file that declares 60000x60000
-    for a 64x48 image would otherwise allocate gigabytes per annotation. The size turned by 90
-    degrees passes here (EXIF-rotated photos are decoded upright): it costs no more memory, and
-    reading the sample finds out whether it fits the decoded image.
-    """
-    image, path = found
-    h, w, name = image["height"], image["width"], image["file_name"]
-    try:
-        header = probe_image(path)
-        real: tuple[int, int] | None = (header.width, header.height)
-    except UnreadableImage as e:  # over the pixel cap (its size is known), or unreadable: read_image reports
-        real = e.size  # that by file, and no mask is drawn for an image that cannot be read
-    if real is not None and (w, h) not in (real, real[::-1]):
-        return (
-            f"{json_path}: image {name} is declared {w}x{h} (width x height) but {path} is {real[0]}x{real[1]}; "
-            "fix its width and height in the annotation file"
-        )
-    if h * w > MAX_PIXELS:
-        return f"{json_path}: image {name} declares {w}x{h} pixels, more than {MAX_PIXELS:,}; fix its width and height"
-    return None
-
-
 def _coco_classes(files: dict[str, dict[str, Any]], notes: list[str]) -> tuple[list[str], dict[int, int]]:
     """Class names (0 = background) and {category id: class index}."""
     first_split, first = next(iter(files.items()))
@@ -182,6 +156,7 @@ def _coco_image_dir(json_path: Path, root: Path, split: str, content: dict[str, 
     "coco",
     "a COCO instances json: annotations/*.json, annotations.json, or {train,valid}/_annotations.coco.json (Roboflow)",
     _detect_coco,
+    objects=True,
 )
 def load_coco(root: Path, cfg: DataConfig) -> DatasetSpec:
     problems: list[str] = []

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from seglab.data.io import pack_rgb, read_raw_mask
+from seglab.data.io import MAX_PIXELS, UnreadableImage, pack_rgb, probe_image, read_raw_mask
 from seglab.data.spec import MASK_ENCODINGS, DataConfig, DatasetSpec, Sample
 from seglab.errors import SeglabError
 from seglab.registry import Registry, did_you_mean
@@ -71,17 +71,23 @@ class DatasetFormat:
     detect: Callable[[Path], bool]
     load: Callable[[Path, DataConfig], DatasetSpec]
     expects: str  # the files it looks for, shown when no layout matches
+    objects: bool = False  # its samples hold COCO-style annotations (mask_encoding coco), not mask files
 
 
 FORMATS: Registry[DatasetFormat] = Registry("dataset format")
 
 
-def _register(name: str, expects: str, detect: Callable[[Path], bool]) -> Callable:
+def _register(name: str, expects: str, detect: Callable[[Path], bool], *, objects: bool = False) -> Callable:
     def add(load: Callable[[Path, DataConfig], DatasetSpec]) -> Callable[[Path, DataConfig], DatasetSpec]:
-        FORMATS.register(name)(DatasetFormat(name, detect, load, expects))
+        FORMATS.register(name)(DatasetFormat(name, detect, load, expects, objects))
         return load
 
     return add
+
+
+def has_objects(fmt: str) -> bool:
+    """Whether layout ``fmt`` lists objects (COCO, LabelMe, CVAT, YOLO-seg) rather than mask files."""
+    return fmt in FORMATS and FORMATS[fmt].objects
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -112,6 +118,32 @@ def _listing(paths: Sequence[Any]) -> str:
     """'a, b, c' for up to MAX_LISTED names, then 'and N more'."""
     shown = ", ".join(str(p) for p in paths[:MAX_LISTED])
     return shown + (f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else "")
+
+
+def _size_problem(json_path: Path, found: tuple[dict[str, Any], Path]) -> str | None:
+    """Why the declared size of ``found`` (an image entry of ``json_path`` and its file) cannot be trusted, or None.
+
+    Masks are drawn at the declared size, so it is checked before any is: against the size in the
+    image file's header (only the header is read) and a pixel cap. A file that declares 60000x60000
+    for a 64x48 image would otherwise allocate gigabytes per annotation. The size turned by 90
+    degrees passes here (EXIF-rotated photos are decoded upright): it costs no more memory, and
+    reading the sample finds out whether it fits the decoded image.
+    """
+    image, path = found
+    h, w, name = image["height"], image["width"], image["file_name"]
+    try:
+        header = probe_image(path)
+        real: tuple[int, int] | None = (header.width, header.height)
+    except UnreadableImage as e:  # over the pixel cap (its size is known), or unreadable: read_image reports
+        real = e.size  # that by file, and no mask is drawn for an image that cannot be read
+    if real is not None and (w, h) not in (real, real[::-1]):
+        return (
+            f"{json_path}: image {name} is declared {w}x{h} (width x height) but {path} is {real[0]}x{real[1]}; "
+            "fix its width and height in the annotation file"
+        )
+    if h * w > MAX_PIXELS:
+        return f"{json_path}: image {name} declares {w}x{h} pixels, more than {MAX_PIXELS:,}; fix its width and height"
+    return None
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -259,16 +291,17 @@ def _finish(spec: DatasetSpec, cfg: DataConfig, meta: Metadata | None, source: s
         notes.append(meta.note)
 
     # encoding
-    if cfg.mask_encoding == "instance" and spec.format != "coco":
+    objects = has_objects(spec.format)
+    if cfg.mask_encoding == "instance" and not objects:
         return _finish_instance(spec, cfg, source)
     if cfg.mask_encoding != "auto":
         encoding = cfg.mask_encoding
-        if (encoding == "coco") != (spec.format == "coco"):
+        if (encoding == "coco") != objects:
             raise SeglabError(
                 f"{source}: mask_encoding {encoding} does not fit the {spec.format} layout; "
-                "coco goes with COCO annotation files only (or leave mask_encoding: auto)"
+                "coco goes with annotation files only (COCO, LabelMe, CVAT, YOLO-seg; or leave mask_encoding: auto)"
             )
-    elif spec.format == "coco":
+    elif objects:
         encoding = "coco"
     else:
         encoding, note = _probe_encoding(train_first)
