@@ -291,8 +291,8 @@ def tile_grid(
     legend: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Image.Image:
     """(picture, caption) tiles, each scaled to ``tile`` px on its long side (small ones enlarged
-    pixel for pixel), in rows of ``columns`` on a white sheet, each caption (cut to fit) above its tile, and the
-    ``legend`` (name, colour) swatches in rows below."""
+    pixel for pixel), in rows of ``columns`` on a white sheet, each caption (its middle cut to fit)
+    above its tile, and the ``legend`` (name, colour) swatches in rows below."""
     from PIL import ImageDraw
 
     face = font((tile, tile))
@@ -319,8 +319,9 @@ def tile_grid(
     draw = ImageDraw.Draw(sheet)
     for k, (image, caption) in enumerate(scaled):
         x, y = pad + (k % columns) * cell[0], pad + (k // columns) * cell[1]
-        while len(caption) > 1 and draw.textlength(caption, font=face) > tile:
-            caption = caption[:-2] + "…"  # a long file name stops at its tile's edge
+        while len(caption) > 12 and draw.textlength(caption, font=face) > tile:
+            middle = len(caption) // 2  # a long file name loses its middle: its start and end stay
+            caption = caption[: middle - 1] + "…" + caption[middle + 1 :]
         draw.text((x, y), caption, fill=(0, 0, 0), font=face)
         sheet.paste(image, (x, y + head))
     x, y = pad, rows * cell[1] + pad
