@@ -383,3 +383,12 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     assert len(lines) == 1 and lines[0].startswith("seglab: error:") and "Traceback" not in proc.stderr, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_a_shard_set_is_refused_in_one_line(tiny_dataset: Path, tmp_path: Path):
+    from seglab.data.shards import pack_dataset
+
+    pack_dataset(tiny_dataset, tmp_path / "shards")
+    proc = _seglab("data", "convert", str(tmp_path / "shards"), "--to", "coco", "--out", str(tmp_path / "out"))
+    _assert_user_error(proc, "is a shard set; convert the dataset it was packed from")
+    assert not (tmp_path / "out").exists()

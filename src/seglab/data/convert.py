@@ -271,6 +271,10 @@ def convert_dataset(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SeglabError(f"data convert: --out {out} is not an empty folder; choose a new one")
     spec = resolve_dataset(source, cache_dir=data_cache, task=task)
+    from seglab.data.shards import ShardSpec
+
+    if isinstance(spec, ShardSpec):  # seglab data pack's: its samples are in tar files, its splits empty
+        raise SeglabError(f"data convert: {source} is a shard set; convert the dataset it was packed from")
     result = ConvertResult(source=spec.format, target=to, out=out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
