@@ -292,6 +292,9 @@ def test_data_check_instance_counts_objects_and_names_degenerate_polygons(tmp_pa
     assert report.per_class.tolist()[1:] == [3, 2] and report.per_image == [4, 0, 1]
     assert "1 of 3 images have none (b.png)" in text
     assert "small 4" in text and "medium 1" in text  # squares, the flat polygon, a clipped triangle; the box
+    # the box histogram: the 40x32 box alone in 32-64 px, the four others below 32
+    assert sum(report.boxes) == 5 and report.boxes[3] == 1 and sum(report.boxes[:3]) == 4
+    assert "box sizes (the square root of width x height):" in text and "32-64 px         1  " in text
     assert "degenerate polygons: 3" in text  # in train; val's one square is fine
     for fragment in ("annotation 12 (cat): a polygon of 2 point(s)", "annotation 13 (cat): a polygon with no area",
                      "annotation 14 (dog): a polygon reaching outside"):  # fmt: skip

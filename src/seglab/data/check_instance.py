@@ -4,13 +4,14 @@ Every image is decoded and every object drawn, as ``seglab train --task instance
 (:func:`seglab.instance.data.read_instances`): unreadable images or annotations and objects drawn
 at another size than their image are problems (exit status 2, as ``data check``). Over all splits
 it reports objects per class, objects per image (min / median / max), empty images, COCO's object
-sizes (small < 32², medium < 96², large, by mask area) and degenerate polygons (fewer than 3
+sizes (small < 32², medium < 96², large, by mask area), a histogram of box sizes and degenerate polygons (fewer than 3
 points, no area, points outside the image), each naming its file and object. Degenerate polygons
 are drawn as nothing (or clipped) and do not stop training, so they are warnings, not problems.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from seglab.data.spec import DatasetSpec, Sample
 from seglab.errors import SeglabError
 
 SIZE_BINS = (("small", 32**2), ("medium", 96**2), ("large", float("inf")))  # COCO's area ranges
+BOX_SIDES = (8, 16, 32, 64, 128, 256)  # the box-size histogram's bin edges: sqrt(box width x height), px
 
 
 @dataclass
@@ -34,6 +36,7 @@ class _Objects:
     problems: list[Problem] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     areas: list[float] = field(default_factory=list)
+    sides: list[float] = field(default_factory=list)  # sqrt(box width x box height)
     degenerate: list[str] = field(default_factory=list)
     readable: bool = True
 
@@ -52,6 +55,7 @@ class InstanceReport:
     per_image: list[int]  # objects in each readable image
     empty: list[Path]  # readable images without objects
     sizes: dict[str, int]  # SIZE_BINS name -> objects
+    boxes: list[int]  # objects per BOX_SIDES bin: < 8 px, 8-16, ..., >= 256
     degenerate: list[str]
     seconds: float = 0.0
 
@@ -83,6 +87,11 @@ class InstanceReport:
             "object sizes (COCO, by mask area): "
             + ", ".join(f"{name} {n:,} ({100 * n / max(total, 1):.1f}%)" for name, n in self.sizes.items())
         )
+        lines.append("box sizes (the square root of width x height):")
+        edges = ["0", *map(str, BOX_SIDES), ""]
+        for (low, high), n in zip(itertools.pairwise(edges), self.boxes, strict=True):
+            bar = "#" * round(40 * n / max(max(self.boxes), 1))
+            lines.append(f"  {low + '-' + high if high else low + '+':>8} px  {n:>8,}  {bar}")
         lines.append(f"degenerate polygons: {len(self.degenerate)}")
         lines += [f"  - {d}" for d in self.degenerate[:MAX_SHOWN_PROBLEMS]]
         if len(self.degenerate) > MAX_SHOWN_PROBLEMS:
@@ -140,6 +149,8 @@ def _check(sample: Sample, spec: DatasetSpec) -> _Objects:
             )
         )
     result.labels, result.areas = objects.labels.tolist(), objects.masks.sum((1, 2)).tolist()
+    w, h = (objects.boxes[:, 2:] - objects.boxes[:, :2]).T
+    result.sides = np.sqrt(np.clip(w * h, 0, None)).tolist()
     return result
 
 
@@ -162,6 +173,8 @@ def check_instances(data: str | Path, *, val_fraction: float = 0.1) -> InstanceR
     for name, upper in SIZE_BINS:
         sizes[name] = int(((areas >= lower) & (areas < upper)).sum())
         lower = upper
+    sides = np.asarray([side for r in results for side in r.sides], dtype=np.float64)
+    boxes = np.bincount(np.searchsorted(BOX_SIDES, sides, side="right"), minlength=len(BOX_SIDES) + 1)
     readable = [(s, r) for s, r in zip(samples, results, strict=True) if r.readable]
     return InstanceReport(
         root=spec.root,
@@ -174,6 +187,7 @@ def check_instances(data: str | Path, *, val_fraction: float = 0.1) -> InstanceR
         per_image=[len(r.labels) for _, r in readable],
         empty=[s.image for s, r in readable if not r.labels],
         sizes=sizes,
+        boxes=boxes.tolist(),
         degenerate=[d for r in results for d in r.degenerate],
         seconds=time.perf_counter() - start,
     )
