@@ -343,6 +343,9 @@ class Trainer:
         stopped = self._run_epochs()
         if self.tb is not None:
             self.tb.close()
+        # the ranks leave together: one that exits while the main rank still writes its pictures tears
+        # the gloo group down under it (the other rank aborts: SIGABRT at exit, seen in CI)
+        all_reduce_sum(torch.zeros(1, device=self.device))
         if stopped is None:
             self.log(f"{self.task.command}: {self.task.done_line(self.best_score, self.run_dir / 'weights')}")
         return {"run_dir": self.run_dir, "best": self.best_score, "rows": self.rows, "stopped": stopped}
