@@ -48,19 +48,19 @@ class Scores:
     confusion_names: list[str] = field(default_factory=list)
 
 
-def legend(result: Result) -> list[tuple[str, tuple[int, int, int]]]:
-    """The classes a grid of ``result``'s task shows, with their colours (background left out)."""
-    skip = background_classes(result.classes)
-    return [
-        (n, (c[0], c[1], c[2]))
-        for i, (n, c) in enumerate(zip(result.classes, result.colors, strict=True))
-        if i not in skip
-    ]
+def legend(classes: Sequence[str], colors: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, int, int]]]:
+    """The classes a grid shows, with their colours (background left out)."""
+    skip = background_classes(classes)
+    return [(n, (c[0], c[1], c[2])) for i, (n, c) in enumerate(zip(classes, colors, strict=True)) if i not in skip]
 
 
 def write_examples(path: Path, results: Sequence[Result]) -> Path:
     """Results drawn on their images (training samples with their labels), four to a row."""
-    sheet = tile_grid([(r.plot(legend=False), r.stem) for r in results], columns=4, legend=legend(results[0]))
+    sheet = tile_grid(
+        [(r.plot(legend=False), r.stem) for r in results],
+        columns=4,
+        legend=legend(results[0].classes, results[0].colors),
+    )
     atomic_save(sheet, path, quality=90)
     return path
 
@@ -73,7 +73,6 @@ def write_pictures(
     from seglab.metrics import plot_confusion
 
     tiles: list[tuple[np.ndarray, str]] = []
-    shown: list[tuple[str, tuple[int, int, int]]] = []
     for sample in samples:
         if len(tiles) == 2 * EXAMPLES:
             break
@@ -83,8 +82,8 @@ def write_pictures(
             continue
         found = predictor.predict(truth.image, **predict)
         tiles += [(truth.plot(legend=False), f"{truth.stem}: label"), (found.plot(legend=False), "prediction")]
-        shown = legend(truth)
     if tiles:
+        shown = legend(predictor.card.classes, predictor.card.colors)
         atomic_save(tile_grid(tiles, columns=4, legend=shown), folder / "val_predictions.jpg", quality=90)
     with atomic_path(folder / "per_class.png") as tmp:
         title = f"{scores.columns[0]} per class (%)"
