@@ -19,6 +19,7 @@ import torch
 from common import write_result
 
 from seglab.engine.distributed import DistInfo
+from seglab.engine.schedule import Plan
 from seglab.gen.models import GenCard, build_discriminator, init_weights
 from seglab.gen.task import GenTask
 from seglab.gen.trainer import GenConfig
@@ -43,7 +44,7 @@ class _Bench:
         init_weights(generator)
         init_weights(discriminator)
         self.task.models = {"generator": generator, "discriminator": discriminator}
-        self.parts = self.task.optimizers(steps_per_epoch=1)
+        self.parts = self.task.optimizers(Plan(steps_per_epoch=1, epochs=1))
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         for part, loss, _ in self.task.step(batch, self.task.models):

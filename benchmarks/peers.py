@@ -17,14 +17,16 @@ Rows (``--rows``):
                             void ignored, random scale 0.5-2, 352x480 crops, flips, batch 8, until the budget
   seglab-scratch, seglab-lite0
                             seglab's CamVid recipes (configs/camvid_lraspp_scratch.yaml; the Lite0 one
-                            starts from ImageNet weights from PyPI) with their epochs scaled to the budget
+                            starts from ImageNet weights from PyPI) with ``--time`` the budget (the epochs and
+                            the schedule fitted to it after each epoch)
 
 The peers are installed in their own virtual environment (never seglab's dependencies):
 
     python3 -m venv /work/peers && /work/peers/bin/pip install ultralytics segmentation-models-pytorch
     python benchmarks/peers.py --budget 15 --peers-python /work/peers/bin/python [--rows ...]
 
-Writes benchmarks/results/peers.json and prints a Markdown table: val mIoU, per-class IoU,
+Merges its rows into benchmarks/results/peers_<budget>min.json (a row run again replaces its old
+one; ``--seed N`` rows are their own rows) and prints a Markdown table: val mIoU, per-class IoU,
 training images/s, and batch-1 latency of each tool's predict path.
 """
 
@@ -46,9 +48,9 @@ CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", 
            "Bicyclist"]  # fmt: skip
 VOID = 11
 ROWS = ("yolo26n-sem", "yolo26s-sem", "smp-unet-r18", "smp-dlv3p-r18", "seglab-scratch", "seglab-lite0")
-RECIPES = {  # row: (config, its epochs, its measured minutes on this machine for those epochs)
-    "seglab-scratch": (ROOT / "configs" / "camvid_lraspp_scratch.yaml", 30, 25.0),
-    "seglab-lite0": (ROOT / "configs" / "camvid_lraspp_lite0.yaml", 15, 24.0),
+RECIPES = {
+    "seglab-scratch": ROOT / "configs" / "camvid_lraspp_scratch.yaml",
+    "seglab-lite0": ROOT / "configs" / "camvid_lraspp_lite0.yaml",
 }
 
 
@@ -88,7 +90,11 @@ def score(masks: Path) -> dict:
 # --------------------------------------------------------------------------- rows in the peers' venv
 
 
-def ultralytics_row(model: str, budget: float, out: Path) -> dict:
+def row_dir(work: Path, row: str, budget: float, seed: int) -> Path:
+    return work / (f"{row}_{budget:g}min" + (f"_seed{seed}" if seed else ""))
+
+
+def ultralytics_row(model: str, budget: float, out: Path, seed: int) -> dict:
     from ultralytics import YOLO
 
     data = out / "camvid_yolo"
@@ -107,7 +113,7 @@ def ultralytics_row(model: str, budget: float, out: Path) -> dict:
     start = time.perf_counter()
     yolo = YOLO(f"{model}.yaml")
     yolo.train(data=str(data / "camvid.yaml"), imgsz=480, batch=8, device="cpu", pretrained=False, time=budget / 60,
-               workers=2, project=str(out), name="train", exist_ok=True)  # fmt: skip
+               workers=2, seed=seed, project=str(out), name="train", exist_ok=True)  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     log = [ln.split(",") for ln in (out / "train" / "results.csv").read_text().splitlines()]
     epochs, seconds = len(log) - 1, float(log[-1][log[0].index("time")])  # time: cumulative, val included
@@ -117,13 +123,13 @@ def ultralytics_row(model: str, budget: float, out: Path) -> dict:
     return {**result, "epochs": epochs, "train_images_per_s": len(pairs("train")) * epochs / seconds}
 
 
-def smp_row(arch: str, budget: float, out: Path) -> dict:
+def smp_row(arch: str, budget: float, out: Path, seed: int) -> dict:
     import segmentation_models_pytorch as smp
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = {"smp-unet-r18": smp.Unet, "smp-dlv3p-r18": smp.DeepLabV3Plus}[arch](
         "resnet18", encoder_weights=None, classes=len(CLASSES)
     )
@@ -133,7 +139,7 @@ def smp_row(arch: str, budget: float, out: Path) -> dict:
         torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
     )
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     start, images = time.perf_counter(), 0
     net.train()
     while time.perf_counter() - start < budget * 60:
@@ -188,52 +194,56 @@ def _predict(out: Path, predict, minutes: float) -> dict:
 # --------------------------------------------------------------------------- seglab rows (its own venv)
 
 
-def seglab_row(row: str, budget: float, out: Path) -> dict:
-    config, epochs, minutes = RECIPES[row]
-    fitted = max(1, int(epochs * budget / minutes))
+def seglab_row(row: str, budget: float, out: Path, seed: int) -> dict:
     run = out / "train"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "seglab", "train", "--config", str(config), "--epochs", str(fitted),
-                    "--out", str(out), "--name", "train", "--exist-ok"], check=True, cwd=ROOT)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "seglab", "train", "--config", str(RECIPES[row]), "--time", str(budget),
+                    "--seed", str(seed), "--out", str(out), "--name", "train", "--exist-ok"],
+                   check=True, cwd=ROOT)  # fmt: skip
     trained = (time.perf_counter() - start) / 60
     import seglab
 
     model = seglab.load(run / "weights" / "best.pt", device="cpu", amp=True)
     result = _predict(out, lambda path: model.predict(path).mask, trained)
     rows = [ln.split(",") for ln in (run / "metrics.csv").read_text().splitlines()]
-    seconds = sum(float(r[-1]) for r in rows[1:])
-    return {**result, "epochs": fitted, "train_images_per_s": 367 * fitted / seconds}
+    seconds = sum(float(r[-1]) for r in rows[1:])  # epoch time, val included, as Ultralytics' is
+    epochs = len(rows) - 1
+    curve = [(float(r[rows[0].index("val_miou")]) if r[rows[0].index("val_miou")] else None) for r in rows[1:]]
+    return {**result, "epochs": epochs, "train_images_per_s": 367 * epochs / seconds, "val_miou_by_epoch": curve}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--budget", type=float, default=15, help="training minutes per row")
+    parser.add_argument("--seed", type=int, default=0, help="every row's seed (Ultralytics' seed= too)")
     parser.add_argument("--peers-python", default="/work/peers/bin/python", help="the venv with ultralytics and smp")
     parser.add_argument("--work", default=str(ROOT / "runs" / "peers"), help="run folders and predicted masks")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one peer row, run by the peers' interpreter
     args = parser.parse_args()
     work = Path(args.work)
     if args.worker:
-        out = work / f"{args.worker}_{args.budget:g}min"
+        out = row_dir(work, args.worker, args.budget, args.seed)
         row = ultralytics_row if args.worker.startswith("yolo") else smp_row
         (out / "row.json").parent.mkdir(parents=True, exist_ok=True)
-        (out / "row.json").write_text(json.dumps(row(args.worker, args.budget, out)))
+        (out / "row.json").write_text(json.dumps(row(args.worker, args.budget, out, args.seed)))
         return
 
-    results = {}
+    path = ROOT / "benchmarks" / "results" / f"peers_{args.budget:g}min.json"
+    results = json.loads(path.read_text())["rows"] if path.is_file() else {}
     for row in args.rows:
-        out = work / f"{row}_{args.budget:g}min"
-        print(f"== {row}, {args.budget:g} min", flush=True)
+        key = row if not args.seed else f"{row} (seed {args.seed})"
+        out = row_dir(work, row, args.budget, args.seed)
+        print(f"== {key}, {args.budget:g} min", flush=True)
         if row.startswith("seglab"):
-            measured = seglab_row(row, args.budget, out)
+            measured = seglab_row(row, args.budget, out, args.seed)
         else:
             env = {**os.environ, "PYTHONPATH": ""}
-            subprocess.run([args.peers_python, __file__, "--worker", row, "--budget", str(args.budget), "--work",
-                            str(work)], check=True, cwd=ROOT, env=env)  # fmt: skip
+            subprocess.run([args.peers_python, __file__, "--worker", row, "--budget", str(args.budget), "--seed",
+                            str(args.seed), "--work", str(work)], check=True, cwd=ROOT, env=env)  # fmt: skip
             measured = json.loads((out / "row.json").read_text())
-        results[row] = {**measured, **score(out / "masks")}
-        print(json.dumps({row: results[row]}), flush=True)
+        results[key] = {**measured, **score(out / "masks")}
+        print(json.dumps({key: results[key]}), flush=True)
 
     print(f"\n| row ({args.budget:g} min) | val mIoU | trained min | train img/s | latency b1 ms | Pole | SignSymbol |")
     print("|---|---|---|---|---|---|---|")
@@ -244,8 +254,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from common import write_result
 
-    write_result(ROOT / "benchmarks" / "results" / f"peers_{args.budget:g}min.json", budget_min=args.budget,
-                 rows=results)  # fmt: skip
+    write_result(path, budget_min=args.budget, rows=results)
 
 
 if __name__ == "__main__":

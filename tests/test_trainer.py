@@ -87,3 +87,92 @@ def test_amp_dtype_is_checked_and_used(tmp_path, shapes):
     assert any("amp bfloat16" in m for m in messages), messages
     with pytest.raises(seglab.SeglabError, match="--amp-dtype 'half'"):
         quiet_train(tmp_path, shapes, amp=True, amp_dtype="half", name="bad")
+
+
+# ---------------------------------------------------------------------------- --time
+
+
+def test_a_time_budget_counts_epochs_and_validations_into_what_is_left():
+    from seglab.engine.schedule import TimeBudget
+
+    budget = TimeBudget(minutes=100 / 60)  # 100 s, none used
+    budget.train_s, budget.val_s = [10.0], [5.0]
+    # validating every epoch: n more epochs cost 10 n + 5 (n + 1) <= 100 -> n = 6
+    assert budget.epochs(1, val_interval=1) == 7
+    # every third epoch, and the last: 8 more cost 80 + 5 x 3 (epochs 3, 6, 9); 9 more cost 90 + 20
+    assert budget.epochs(1, val_interval=3) == 9
+    budget.used_s = 96.0  # 4 s left: not even the epoch just trained can be validated in time
+    assert budget.epochs(4, val_interval=1) == 4
+    assert not budget.over()
+    budget.used_s = 100.0
+    assert budget.over()
+
+
+def test_the_schedule_follows_the_plan_as_the_budget_changes_it():
+    from seglab.config import TrainConfig
+    from seglab.engine.schedule import Plan, build_scheduler
+
+    plan = Plan(steps_per_epoch=10, epochs=5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(scheduler="poly", warmup_epochs=0, poly_power=1.0), plan)
+    for _ in range(25):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 25 / 50)
+    plan.epochs = 10  # the budget holds twice the epochs: the same step is now a quarter of the way
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 26 / 100)
+    plan.epochs = 3  # and a third of them: the run ends at step 30, the rate with it
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert all(v is None for v in scheduler.state_dict()["lr_lambdas"])  # nothing but plain data saved
+
+
+def test_training_for_minutes_fits_the_epochs_validates_the_last_and_resumes_with_what_is_left(tmp_path, shapes):
+    messages: list[str] = []
+    minutes = 0.15
+    run = quiet_train(tmp_path, shapes, messages, epochs=400, time=minutes, name="timed")
+    last = torch.load(run.last, weights_only=False)
+    rows = run.rows
+    assert 1 <= len(rows) < 400 and last["planned_epochs"] == len(rows)  # fitted to the time, not --epochs
+    assert rows[-1]["val_miou"] != ""  # the last epoch validates, whatever --val-interval says
+    spent = last["time_budget"]["used_s"]
+    longest = max(float(r["epoch_time_s"]) for r in rows)
+    assert spent <= 60 * minutes + longest  # it never starts an epoch it expects to end past the budget
+    assert any(f"{len(rows)} epochs in" in m and "of --time 0.15 min" in m for m in messages)
+
+    # more minutes for the finished run: it goes on from where it stopped, the minutes used counted
+    messages.clear()
+    more = quiet_train(tmp_path, shapes, messages, resume=str(run.last), time=2 * minutes)
+    again = torch.load(more.last, weights_only=False)
+    assert len(more.rows) > len(rows)
+    assert again["time_budget"]["used_s"] > spent
+    assert any(m.startswith("resume: continuing") for m in messages)
+
+
+def test_a_spent_budget_cuts_the_epoch_short_and_validates_it(tmp_path, shapes):
+    from seglab.config import load_train_config
+    from seglab.engine.trainer import Trainer
+    from seglab.tasks import get_task
+
+    messages: list[str] = []
+    base = dict(data=str(shapes), model="fcn", epochs=5, batch=2, img_size=40, workers=0, out=str(tmp_path))
+    cfg = load_train_config(None, **base, time=1.0, val_interval=3)
+    trainer = Trainer(cfg, get_task(cfg.task), progress=False, log=messages.append)
+    assert trainer.budget is not None
+    trainer.budget.used_s = 60.0  # the minute is already spent when training starts
+    out = trainer.fit()
+    assert len(out["rows"]) == 1 and out["rows"][0]["val_miou"] != ""  # one step, then validated
+    assert "train: --time 1 min spent at epoch 1, step 1" in messages
+    last = torch.load(out["run_dir"] / "weights" / "last.pt", weights_only=False)
+    assert last["train"]["model"]["scheduler"]["last_epoch"] == 1  # 1 of the epoch's 6 steps
+
+
+def test_time_must_be_positive(tmp_path, shapes):
+    from seglab.errors import SeglabError
+
+    with pytest.raises(SeglabError, match="--time is minutes of training and must be more than 0"):
+        quiet_train(tmp_path, shapes, time=0)

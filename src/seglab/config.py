@@ -33,7 +33,8 @@ class RunConfig:
     val_fraction: float = 0.1  # hold-out fraction when the dataset has no validation split
     limit: int | None = None  # use only the first N samples of each split
     workers: int = 2  # DataLoader worker processes
-    epochs: int = 50
+    epochs: int = 50  # with --time: the first guess at the schedule's length, refitted after each epoch
+    time: float | None = None  # train for this many minutes (validation included): the epochs are fitted to it
     batch: int = 8
     accumulate: int = 1  # gradient accumulation steps
     grad_clip: float | None = None  # clip gradient norm to this value
@@ -210,6 +211,7 @@ def validate_run(cfg: RunConfig) -> None:
     """Range checks of the fields every task shares."""
     check([
         (cfg.epochs >= 1, "--epochs must be at least 1"),
+        (cfg.time is None or cfg.time > 0, "--time is minutes of training and must be more than 0"),
         (cfg.batch >= 1, "--batch must be at least 1"),
         (cfg.accumulate >= 1, "--accumulate must be at least 1"),
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),

@@ -39,7 +39,9 @@ def next_run_dir(out: str | Path, name: str, exist_ok: bool = False) -> Path:
 
 
 # What a resumed run may change; the rest of its config is its own.
-RESUME_OVERRIDES = ("epochs", "device", "workers", "out", "name", "trust_weights", "log_interval", "log_seconds")
+RESUME_OVERRIDES = (
+    "epochs", "time", "device", "workers", "out", "name", "trust_weights", "log_interval", "log_seconds",
+)  # fmt: skip
 
 
 def resume_run_dir(

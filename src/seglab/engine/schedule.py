@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +15,19 @@ from seglab.errors import SeglabError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("poly", "cosine", "step", "constant")
+
+
+@dataclass
+class Plan:
+    """How long the run is, in optimiser steps. Schedules read it as they step, so a ``--time`` budget
+    can stretch or shorten the run after each epoch and the learning rate still ends where it should."""
+
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -50,18 +66,18 @@ def lr_factor(
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, plan: Plan):
     if cfg.scheduler not in SCHEDULERS:
         raise SeglabError(f"--scheduler {cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)
-    step_every = max(1, cfg.step_size * steps_per_epoch)
+    per_epoch = plan.steps_per_epoch
+    step_every = max(1, cfg.step_size * per_epoch)
 
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # a function, not an object: the scheduler's state stays plain data
+        total = plan.total
         return lr_factor(
             step,
             total=total,
-            warmup=warmup,
+            warmup=min(int(cfg.warmup_epochs * per_epoch), total // 2),
             kind=cfg.scheduler,
             power=cfg.poly_power,
             step_every=step_every,
@@ -69,3 +85,46 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TimeBudget:
+    """``--time``: how many epochs the minutes left still hold, from what the epochs so far took.
+
+    The clock starts when training starts (the data is read by then) and counts validation, the
+    pictures and the checkpoints; a resumed run goes on with the minutes its earlier sessions left."""
+
+    def __init__(self, minutes: float, used_s: float = 0.0) -> None:
+        self.seconds, self.used_s, self.t0 = 60.0 * minutes, used_s, time.perf_counter()
+        self.train_s: list[float] = []  # each epoch's training (and an unvalidated epoch's saving)
+        self.val_s: list[float] = []  # each validation's cost: scoring, pictures, checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {"used_s": self.elapsed(), "train_s": list(self.train_s), "val_s": list(self.val_s)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.used_s = float(state.get("used_s", 0.0))
+        self.train_s = [float(v) for v in state.get("train_s", [])]
+        self.val_s = [float(v) for v in state.get("val_s", [])]
+
+    def elapsed(self) -> float:
+        return self.used_s + time.perf_counter() - self.t0
+
+    def over(self) -> bool:
+        return self.elapsed() >= self.seconds
+
+    def epochs(self, done: int, val_interval: int) -> int:
+        """The run's length: the ``done`` epochs (the last one trained, not yet validated) and as many
+        more as fit in what is left, each validation counted, the last epoch's always."""
+        train = sum(self.train_s) / len(self.train_s)
+        val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0  # unknown before the first one
+        left = self.seconds - self.elapsed()
+
+        def cost(more: int) -> float:
+            end = done + more
+            validations = sum(1 for e in range(done, end + 1) if e % val_interval == 0 or e == end)
+            return more * train + validations * val
+
+        more = 0
+        while cost(more + 1) <= left:
+            more += 1
+        return done + more

@@ -48,9 +48,10 @@ from seglab.engine.checkpoint import (
 )
 from seglab.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed
 from seglab.engine.inference import amp_dtype, resolve_device
-from seglab.engine.progress import EpochProgress
+from seglab.engine.progress import EpochProgress, duration
 from seglab.engine.report import write_examples, write_pictures, write_report
 from seglab.engine.runs import RESUME_OVERRIDES, next_run_dir, restore_rows, resume_run_dir, write_csv
+from seglab.engine.schedule import Plan, TimeBudget
 from seglab.engine.stopping import TrainingStopped, stop_on_signals
 from seglab.errors import SeglabError
 from seglab.plots import SCORES, plot_curves
@@ -135,8 +136,9 @@ class Task:
     def setup(self, checkpoint: dict[str, Any] | None, model: nn.Module | None) -> None:
         raise NotImplementedError
 
-    def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
-        """An (optimiser, per-step scheduler) for each network in ``models`` that trains."""
+    def optimizers(self, plan: Plan) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+        """An (optimiser, per-step scheduler) for each network in ``models`` that trains; a schedule
+        reads ``plan.total`` as it steps (``--time`` changes it after each epoch)."""
         raise NotImplementedError
 
     def step(self, batch: Any, nets: dict[str, nn.Module]) -> Step:
@@ -236,7 +238,7 @@ def resume_config(schema: type, overrides: dict[str, Any], *, log=print) -> tupl
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise SeglabError(
             f"--resume continues a run with its own settings; {flags} cannot change "
-            "(only --epochs, --device, --workers, --out and --name can)"
+            "(only --epochs, --time, --device, --workers, --out and --name can)"
         )
     saved.update({k: overrides[k] for k in RESUME_OVERRIDES if overrides.get(k) is not None})
     return build_config(schema, saved, str(path)), ckpt
@@ -295,8 +297,9 @@ class Trainer:
                 f"--batch {cfg.batch} x {self.dist.world} process(es) is more than the {len(loader.dataset)} "
                 f"training images; use --batch {most} or fewer"
             )
-        self.steps_per_epoch = math.ceil(len(loader) / cfg.accumulate)
-        self.parts = self.task.optimizers(self.steps_per_epoch)
+        # the run's length: --epochs, or what --time holds (refitted after each epoch; the schedules follow)
+        self.plan = Plan(math.ceil(len(loader) / cfg.accumulate), cfg.epochs)
+        self.parts = self.task.optimizers(self.plan)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none
         fp16 = cfg.amp and amp_dtype(self.device, cfg.amp_dtype) == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 and self.device.type == "cuda")
@@ -310,13 +313,14 @@ class Trainer:
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
+        self.budget = TimeBudget(cfg.time) if cfg.time else None
         if cfg.resume:
             assert checkpoint is not None
             self.run_dir, _ = resume_run_dir(cfg.resume, checkpoint["config"], out=cfg.out, name=cfg.name, log=self.log)
             with training_state(cfg.resume):
                 self._load_state(checkpoint)
             where = f", batch {self.start_batch + 1}" if self.start_batch else ""
-            self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{cfg.epochs}{where}")
+            self.log(f"resume: continuing {self.run_dir} from epoch {self.start_epoch + 1}/{self.plan.epochs}{where}")
         else:
             self.run_dir = next_run_dir(cfg.out, cfg.name, cfg.exist_ok)
         self.tb = None
@@ -340,7 +344,16 @@ class Trainer:
             f"{self.task.command}: effective batch {cfg.batch * world * cfg.accumulate} = batch {cfg.batch} x "
             f"{world} process(es) x accumulate {cfg.accumulate}"
         )
+        if self.budget is not None:
+            self.budget.t0 = time.perf_counter()  # the clock starts with training
+            self.log(
+                f"{self.task.command}: --time {cfg.time:g} min: the epochs are fitted to the time after each one "
+                f"(first guess {self.plan.epochs})"
+            )
         stopped = self._run_epochs()
+        if self.budget is not None and stopped is None:
+            used = duration(self.budget.elapsed())
+            self.log(f"{self.task.command}: {len(self.rows)} epochs in {used} of --time {cfg.time:g} min")
         if self.tb is not None:
             self.tb.close()
         # the ranks leave together: one that exits while the main rank still writes its pictures tears
@@ -358,8 +371,10 @@ class Trainer:
             if self.cfg.plots and self.dist.is_main and not (self.start_epoch or self.start_batch):
                 self._draw_examples()
             try:
-                for epoch in range(self.start_epoch, self.cfg.epochs):
+                epoch = self.start_epoch
+                while epoch < self.plan.epochs:
                     self._run_epoch(epoch)
+                    epoch += 1
             except TrainingStopped as stop:
                 self.log(
                     f"{command}: stopped by signal {self.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
@@ -373,9 +388,12 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         train = self.train_epoch(epoch)
+        trained = time.perf_counter()
+        if self.budget is not None:
+            self._fit_to_time(epoch, trained - t0)
         values: dict[str, Any] = {}
         metrics = None
-        validated = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs
+        validated = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == self.plan.epochs
         for model in {*self.models.values(), self._shipped_model()}:
             broadcast_buffers(model)  # every rank validates and saves rank 0's model
         if validated:
@@ -395,15 +413,46 @@ class Trainer:
             if improved:
                 self.best_score = row[score]
         self._save_epoch(epoch, row, metrics, improved)
+        if self.budget is not None:  # what validating (or only saving) cost, for the next fit
+            after = time.perf_counter() - trained
+            if validated:
+                self.budget.val_s.append(after)
+            else:
+                self.budget.train_s[-1] += after
         skipped = f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""
         if validated:
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}: {self.task.epoch_line(row)}{skipped}")
+            self.log(f"epoch {epoch + 1}/{self.plan.epochs}: {self.task.epoch_line(row)}{skipped}")
         else:  # a line for every epoch: a log that goes quiet for --val-interval epochs looks like a hang
             shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in train.items())
-            later = min(cfg.epochs, (epoch // cfg.val_interval + 1) * cfg.val_interval)
+            later = min(self.plan.epochs, (epoch // cfg.val_interval + 1) * cfg.val_interval)
             self.log(
-                f"epoch {epoch + 1}/{cfg.epochs}: {shown} ({row['epoch_time_s']} s; val at epoch {later}){skipped}"
+                f"epoch {epoch + 1}/{self.plan.epochs}: {shown} ({row['epoch_time_s']} s; val at epoch {later})"
+                f"{skipped}"
             )
+
+    def _fit_to_time(self, epoch: int, seconds: float) -> None:
+        """--time: the run's length after epoch ``epoch`` trained in ``seconds``, as rank 0 sees it."""
+        assert self.budget is not None
+        if not (epoch == self.start_epoch and self.start_batch):  # a resumed part-epoch is not a measure
+            self.budget.train_s.append(seconds)
+        if not self.budget.train_s:
+            return
+        planned = self.budget.epochs(epoch + 1, self.cfg.val_interval) if self.dist.is_main else 0
+        planned = int(all_reduce_sum(torch.tensor([float(planned)], device=self.device)).item())
+        if planned != self.plan.epochs:
+            val = f" (+{duration(self.budget.val_s[-1])} to validate)" if self.budget.val_s else ""
+            self.log(
+                f"{self.task.command}: --time {self.cfg.time:g} min: {duration(self.budget.elapsed())} used, an epoch "
+                f"trains in {duration(seconds)}{val}; {planned} epochs in all"
+            )
+            self.plan.epochs = planned
+
+    def _out_of_time(self) -> bool:
+        """--time is spent (rank 0's clock): the epoch under way is cut short and is the last."""
+        if self.budget is None:
+            return False
+        over = 1.0 if self.dist.is_main and self.budget.over() else 0.0
+        return bool(all_reduce_sum(torch.tensor([over], device=self.device)).item() > 0)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split; the mean of each logged value over every rank's steps."""
@@ -417,9 +466,9 @@ class Trainer:
         sums = dict(sums)
         past = [float(r["epoch_time_s"]) for r in self.rows if r.get("epoch_time_s") not in (None, "")]
         bar = EpochProgress(
-            loader, epoch=epoch, epochs=cfg.epochs, start=start, total=start + len(loader), progress=self.progress,
-            log=self.log, images_per_step=cfg.batch * self.dist.world, every_steps=cfg.log_interval,
-            every_s=cfg.log_seconds, past=past,
+            loader, epoch=epoch, epochs=self.plan.epochs, start=start, total=start + len(loader),
+            progress=self.progress, log=self.log, images_per_step=cfg.batch * self.dist.world,
+            every_steps=cfg.log_interval, every_s=cfg.log_seconds, past=past,
         )  # fmt: skip
         for _, optimizer_scheduler in self.parts.items():
             optimizer_scheduler[0].zero_grad(set_to_none=True)
@@ -436,6 +485,9 @@ class Trainer:
                 if self._stop_requested():
                     self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (sums, count))
                     raise TrainingStopped(epoch, i + 1)
+                if self._out_of_time():
+                    self.log(f"{self.task.command}: --time {cfg.time:g} min spent at epoch {epoch + 1}, step {i + 1}")
+                    break
             lr = next(iter(self.parts.values()))[0].param_groups[0]["lr"]
             bar.update(i + 1, {k: v / count for k, v in sums.items()}, lr)
         names = sorted(sums)  # the same names on every rank: each step logs the same values
@@ -581,7 +633,7 @@ class Trainer:
             "run": str(self.run_dir),
             "model": self.task.summary(),
             "data": str(self.cfg.data),
-            "epoch": f"{epoch + 1} of {self.cfg.epochs} (the figures are this epoch's)",
+            "epoch": f"{epoch + 1} of {self.plan.epochs} (the figures are this epoch's)",
         }
         score = self.task.score
         if score is not None and self.best_score >= 0:
@@ -627,6 +679,8 @@ class Trainer:
             "task_state": self.task.state(),
             "rng": rng,
             "rows": self.rows,
+            "planned_epochs": self.plan.epochs,
+            "time_budget": self.budget.state() if self.budget is not None else None,
         }
         save_checkpoint(path, {**self.task.payload(self._shipped_model()), **state}, keep_previous=True)
 
@@ -648,6 +702,12 @@ class Trainer:
         self.partial = (dict(sums), int(count))
         self.skipped_steps = ckpt.get("skipped_steps", 0)
         self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
+        if self.budget is not None:  # the minutes so far count, and the epochs measured so far
+            self.budget.load_state(ckpt.get("time_budget") or {})
+            planned = int(ckpt.get("planned_epochs") or self.plan.epochs)
+            if planned <= self.start_epoch and self.budget.train_s:  # a finished run given more minutes
+                planned = self.budget.epochs(self.start_epoch, self.cfg.val_interval)
+            self.plan.epochs = planned
 
     def _write_csv(self) -> None:
         write_csv(self.run_dir / "metrics.csv", self.fields, self.rows)

@@ -25,6 +25,7 @@ from torchvision.utils import make_grid, save_image
 from seglab.data import resolve_dataset, train_val_splits
 from seglab.engine.distributed import all_reduce_sum
 from seglab.engine.inference import autocast
+from seglab.engine.schedule import Plan
 from seglab.engine.trainer import Step, Task
 from seglab.gen.data import PairDataset, generation_size, to_unit
 from seglab.gen.models import VAE, GenCard, build_discriminator, init_weights, one_hot
@@ -81,11 +82,12 @@ class GenTask(Task):
         spread = np.linspace(0, len(self.val_set) - 1, min(cfg.samples, len(self.val_set))).round().astype(int)
         self.grid_items = [self.val_set[int(i)] for i in spread]  # spread out: val sets are often video
 
-    def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+    def optimizers(self, plan: Plan) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
         cfg = self.cfg
-        total, hold = cfg.epochs * steps_per_epoch, int(cfg.decay_from * cfg.epochs * steps_per_epoch)
 
-        def factor(step: int) -> float:  # pix2pix: constant, then linear to zero
+        def factor(step: int) -> float:  # pix2pix: constant, then linear to zero (of the plan as it is now)
+            total = plan.total
+            hold = int(cfg.decay_from * total)
             return 1.0 if step < hold else max(0.0, (total - step) / max(1, total - hold))
 
         parts: dict[str, tuple[torch.optim.Optimizer, Any]] = {}

@@ -19,6 +19,7 @@ from seglab.data import resolve_dataset, train_val_splits
 from seglab.engine.checkpoint import ModelCard, make_payload
 from seglab.engine.inference import amp_dtype
 from seglab.engine.report import EXAMPLES
+from seglab.engine.schedule import Plan
 from seglab.engine.trainer import Step, Task
 from seglab.errors import SeglabError
 from seglab.instance.data import InstanceDataset, Instances, collate_instances, train_transform
@@ -116,8 +117,8 @@ class InstanceTask(Task):
             weights=cfg.encoder_weights,
         )
 
-    def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
-        return single_model(self.cfg, self.model, steps_per_epoch)
+    def optimizers(self, plan: Plan) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+        return single_model(self.cfg, self.model, plan)
 
     def summary(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters()) / 1e6

@@ -35,7 +35,7 @@ from seglab.engine.evaluator import evaluate
 from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize
 from seglab.engine.predictor import SegResult
 from seglab.engine.report import EXAMPLES
-from seglab.engine.schedule import build_optimizer, build_scheduler
+from seglab.engine.schedule import Plan, build_optimizer, build_scheduler
 from seglab.engine.trainer import Step, Task
 from seglab.errors import SeglabError
 from seglab.losses import build_loss
@@ -81,10 +81,10 @@ def check_sync_bn(cfg, device: torch.device) -> None:
         )
 
 
-def single_model(cfg, model: nn.Module, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+def single_model(cfg, model: nn.Module, plan: Plan) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
     """The optimiser and schedule of a task that trains one network from TrainConfig's flags."""
     optimizer = build_optimizer(model, cfg)
-    return {"model": (optimizer, build_scheduler(optimizer, cfg, steps_per_epoch))}
+    return {"model": (optimizer, build_scheduler(optimizer, cfg, plan))}
 
 
 class SemanticTask(Task):
@@ -216,8 +216,8 @@ class SemanticTask(Task):
         else:
             super().set_epoch(epoch, start)
 
-    def optimizers(self, steps_per_epoch: int) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
-        return single_model(self.cfg, self.model, steps_per_epoch)
+    def optimizers(self, plan: Plan) -> dict[str, tuple[torch.optim.Optimizer, Any]]:
+        return single_model(self.cfg, self.model, plan)
 
     def summary(self) -> str:
         cfg = self.cfg
