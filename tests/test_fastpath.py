@@ -72,6 +72,7 @@ def test_the_trainer_saves_its_float32_layers_and_a_resumed_run_keeps_them(tmp_p
         workers=0,
         out=str(tmp_path),
         amp=True,
+        amp_dtype="bfloat16",  # named, so it autocasts on a CPU without bfloat16 instructions too
     )
     messages: list[str] = []
     run = seglab.train(progress=False, log=messages.append, **base)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from seglab.data.synthetic import make_shapes_dataset
 from test_hostile import one_line_error
@@ -87,7 +88,25 @@ def test_every_task_says_amp_the_same_way(task, shapes, tmp_path, shared_data):
     else:
         cfg = load_train_config(**common, model="fcn", img_size=40)
     summary = Trainer(cfg, get_task(task), progress=False, log=lambda *a: None).task.summary()
-    assert "amp bfloat16" in summary and "amp on" not in summary, summary
+    from seglab.engine.inference import cpu_has_bfloat16
+
+    said = "amp bfloat16" if cpu_has_bfloat16() else "amp off: this CPU has no bfloat16 instructions"
+    assert said in summary and "amp on" not in summary, summary
+
+
+def test_amp_on_a_cpu_without_bfloat16_instructions_is_float32_unless_a_precision_is_named():
+    """bfloat16 autocast on an AVX2 CPU was 10-14x slower than float32 (emulated kernels)."""
+    from seglab.engine.inference import amp_on, autocast, cpu_has_bfloat16
+
+    cpu = torch.device("cpu")
+    assert amp_on(cpu, True) is cpu_has_bfloat16()
+    assert amp_on(cpu, True, "bfloat16") and not amp_on(cpu, False, "bfloat16")
+    assert amp_on(torch.device("cuda"), True)  # CUDA autocasts whatever the CPU
+    with autocast(cpu, True):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == (torch.bfloat16 if cpu_has_bfloat16() else torch.float32)
+    with autocast(cpu, True, "bfloat16"):
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- 2. names

@@ -198,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
     add_trust_flag(p)
 
+    p = command("benchmark", "export to every format, check each, then time and score them all in one run")
+    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint (semantic)")
+    p.add_argument("--data", help="images to score on (default: the training data)")
+    p.add_argument("--split", default="val", help="split to score on (default: val)")
+    p.add_argument("--limit", type=int, help="score only the first N images")
+    p.add_argument(
+        "--formats", nargs="+", metavar="FORMAT", default=None,
+        help="pytorch pytorch-amp onnx torchscript torch-export onnx-int8 (default: all)",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=10, help="timing rounds of each batch size (default: 10)")
+    p.add_argument("--calib", type=int, default=64, help="onnx-int8: calibration images (default: 64)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON here")
+    p.add_argument("--out", help="new or empty folder for the exports and the table (default: runs/benchmark/<name>)")
+    p.add_argument("--name", default="exp")
+    p.add_argument("--data-cache", help="where built-in datasets live (default: ~/.cache/seglab/datasets)")
+    add_trust_flag(p)
+
     from seglab.deploy.prune_command import add_arguments as add_prune_arguments
     from seglab.serve.command import add_arguments as add_serve_arguments
 
@@ -642,6 +659,30 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from seglab.deploy.benchmark import FORMATS, benchmark, format_table, write_table
+    from seglab.engine.runs import next_run_dir
+
+    for flag in ("rounds", "calib", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SeglabError(f"benchmark: --{flag} {value}: use 1 or more")
+    out = Path(args.out) if args.out else next_run_dir("runs/benchmark", args.name, exist_ok=False)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SeglabError(f"benchmark: --out {out} is not an empty folder; give a new one (nothing is overwritten)")
+    if args.json and Path(args.json).exists():
+        raise SeglabError(f"benchmark: --json {args.json} exists; give a new file (nothing is overwritten)")
+    rows = benchmark(
+        args.weights, out, data=args.data, split=args.split, limit=args.limit,
+        formats=tuple(args.formats or FORMATS), rounds=args.rounds, calib=args.calib, data_cache=args.data_cache,
+        trust=args.trust_weights,
+    )  # fmt: skip
+    path = write_table(rows, out, args.weights, args.json)
+    print(format_table(rows, args.weights))
+    print(f"benchmark: table in {path}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
 def _gen(args: argparse.Namespace) -> int:
     import json
 
@@ -715,6 +756,7 @@ COMMANDS = {
     "models": _models,
     "export": _export,
     "quantize": _quantize,
+    "benchmark": _benchmark,
     "prune": _prune,
     "serve": _serve,
     "gen": _gen,

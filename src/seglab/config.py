@@ -40,6 +40,9 @@ class RunConfig:
     grad_clip: float | None = None  # clip gradient norm to this value
     ema: bool = False  # keep an exponential moving average of the weights
     ema_decay: float = 0.999
+    swa: bool = False  # stochastic weight averaging: an equal average of the last epochs' weights (not with --ema)
+    swa_start: int | None = None  # --swa: the first epoch at the SWA rate (default: the last quarter of the run)
+    swa_lr: float | None = None  # --swa: the rate SWALR anneals to and holds (default: a tenth of --lr)
     amp: bool = False  # mixed precision (autocast)
     amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 on CUDA), bfloat16 or float16
     device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda means each rank's own GPU)
@@ -218,6 +221,13 @@ def validate_run(cfg: RunConfig) -> None:
         (cfg.limit is None or cfg.limit >= 1, "--limit must be at least 1"),
         (cfg.workers >= 0, "--workers must be 0 or more"),
         (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
+        (
+            not (cfg.ema and cfg.swa),
+            "--ema and --swa are two ways to average the weights (EMA every step, SWA every epoch from --swa-start); "
+            "choose one",
+        ),
+        (cfg.swa_start is None or cfg.swa_start >= 1, "--swa-start is an epoch, 1 or more"),
+        (cfg.swa_lr is None or cfg.swa_lr > 0, "--swa-lr must be positive"),
         (cfg.val_interval >= 1, "--val-interval must be at least 1"),
         (cfg.nonfinite in ("stop", "skip"), f"--nonfinite {cfg.nonfinite!r}: choose one of stop, skip"),
     ])  # fmt: skip

@@ -40,26 +40,33 @@ def measure(
     data_cache: str | Path | None = None,
     rounds: int = 10,
     throughput_batch: int = 8,
+    size: tuple[int, int] | None = None,
+    load: dict[str, dict] | None = None,
+    trust: bool = False,
     log=print,
 ) -> list[Measurement]:
-    """Measure each model (checkpoint or export) at the size ``data``'s images are evaluated at."""
+    """Measure each model (checkpoint or export) at the size ``data``'s images are evaluated at
+    (or ``size``); ``load`` gives a model's own ``seglab.load`` keywords (``{"amp": True}``)."""
     import seglab
     from seglab.deploy.runtime import exported_format
 
-    loaded = {name: seglab.load(path, device="cpu") for name, path in models.items()}
+    loaded = {
+        name: seglab.load(path, device="cpu", trust=trust, **(load or {}).get(name, {}))
+        for name, path in models.items()
+    }
     first = next(iter(loaded.values()))
-    size = _eval_size(first, data, split, data_cache)
+    size = size or _eval_size(first, data, split, data_cache)
     timings: dict[str, dict[int, list[float]]] = {name: {1: [], throughput_batch: []} for name in loaded}
     inputs = {b: torch.randn(b, first.card.in_channels, *size) for b in (1, throughput_batch)}
     log(f"report: timing {', '.join(loaded)} at {size[0]}x{size[1]}, batch 1 and {throughput_batch}, {rounds} rounds")
     with torch.inference_mode():
         for batch, x in inputs.items():
             for model in loaded.values():  # warm-up: allocators, ORT's first-run planning
-                model.model(x.contiguous(memory_format=torch.channels_last))
+                _forward(model, x)
             for _ in range(rounds):
                 for name, model in loaded.items():
                     start = time.perf_counter()
-                    model.model(x.contiguous(memory_format=torch.channels_last))
+                    _forward(model, x)
                     timings[name][batch].append(time.perf_counter() - start)
     rows = []
     for name, model in loaded.items():
@@ -83,6 +90,14 @@ def measure(
             )
         )
     return rows
+
+
+def _forward(model, x: torch.Tensor) -> torch.Tensor:
+    """The network alone on normalised ``x``, in the precision ``model`` predicts in (autocast with --amp)."""
+    from seglab.engine.inference import autocast
+
+    with autocast(torch.device("cpu"), bool(getattr(model, "amp", False))):
+        return model.model(x.contiguous(memory_format=torch.channels_last))
 
 
 def _eval_size(model, data, split: str, data_cache) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from seglab.config import RunConfig, build_config, to_dict
 from seglab.data.dataset import EpochSampler, seed_worker
+from seglab.engine.averaging import WeightAverage
 from seglab.engine.checkpoint import (
     load_checkpoint,
     non_finite,
@@ -47,7 +48,7 @@ from seglab.engine.checkpoint import (
     training_state,
 )
 from seglab.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed
-from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.inference import amp_dtype, amp_on, resolve_device
 from seglab.engine.progress import EpochProgress, duration
 from seglab.engine.report import write_examples, write_pictures, write_report
 from seglab.engine.runs import RESUME_OVERRIDES, next_run_dir, restore_rows, resume_run_dir, write_csv
@@ -146,6 +147,11 @@ class Task:
         ``self.models`` the bare ones (for a network used but not updated in a phase)."""
         raise NotImplementedError
 
+    def network_inputs(self, batch: Any) -> Any:
+        """What the shipped network is called with for a batch of ``train_loader``, as in training
+        (``--swa`` recomputes the average's BatchNorm statistics from these); None: nothing to use."""
+        raise NotImplementedError
+
     def validate(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(row values, the metrics best.pt carries) of the shipped ``model`` on the val split, the
         same on every rank (each rank scores its share; the task reduces them)."""
@@ -161,11 +167,15 @@ class Task:
 
     def amp(self) -> str:
         """'amp bfloat16', 'amp float16' or 'amp off', for the summary: one wording for every task."""
-        return (
-            f"amp {str(amp_dtype(self.device, self.cfg.amp_dtype)).removeprefix('torch.')}"
-            if self.cfg.amp
-            else "amp off"
-        )
+        cfg = self.cfg
+        if amp_on(self.device, cfg.amp, cfg.amp_dtype):
+            return f"amp {str(amp_dtype(self.device, cfg.amp_dtype)).removeprefix('torch.')}"
+        if cfg.amp:
+            return (
+                "amp off: this CPU has no bfloat16 instructions, so float32 is the faster precision here "
+                "(--amp-dtype bfloat16 forces it)"
+            )
+        return "amp off"
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} {row[k]}" for k in self.fields if row.get(k, "") != "")
@@ -306,6 +316,14 @@ class Trainer:
         self.ema = None
         if cfg.ema:
             self.ema = AveragedModel(self.shipped, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.swa = None
+        if cfg.swa:
+            if type(self.task).network_inputs is Task.network_inputs:
+                raise SeglabError(
+                    "--swa recomputes the average's BatchNorm statistics from the training batches, which this kind "
+                    "of model does not offer yet; train without --swa, or with --ema"
+                )
+            self.swa = WeightAverage(self.shipped, cfg, self.plan, [o for o, _ in self.parts.values()])
 
         # ---- run folder and state
         self.start_epoch, self.start_batch, self.best_score = 0, 0, -1.0  # scores are 0..1
@@ -387,7 +405,11 @@ class Trainer:
         """Train one epoch, validate, log, save."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        if self.swa is not None:
+            self.swa.begin_epoch(epoch)
         train = self.train_epoch(epoch)
+        if self.swa is not None:
+            self.swa.end_epoch(self.shipped, lambda: self._network_inputs(epoch), self.device)
         trained = time.perf_counter()
         if self.budget is not None:
             self._fit_to_time(epoch, trained - t0)
@@ -429,6 +451,14 @@ class Trainer:
                 f"epoch {epoch + 1}/{self.plan.epochs}: {shown} ({row['epoch_time_s']} s; val at epoch {later})"
                 f"{skipped}"
             )
+
+    def _network_inputs(self, epoch: int) -> Generator[Any, None, None]:
+        """Epoch ``epoch``'s training batches again, as the shipped network takes them (SWA's BatchNorm pass)."""
+        self.task.set_epoch(epoch, 0)
+        for batch in self.task.train_loader:
+            x = self.task.network_inputs(batch)
+            if x is not None:
+                yield x
 
     def _fit_to_time(self, epoch: int, seconds: float) -> None:
         """--time: the run's length after epoch ``epoch`` trained in ``seconds``, as rank 0 sees it."""
@@ -539,8 +569,9 @@ class Trainer:
     def _finish_step(self) -> None:
         """After every network's optimiser has stepped: the loss scale, the schedules, the average."""
         self.scaler.update()
-        for _, scheduler in self.parts.values():
-            scheduler.step()
+        if self.swa is None or not self.swa.step():  # from --swa-start on, SWALR sets the rate
+            for _, scheduler in self.parts.values():
+                scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.shipped)
 
@@ -644,7 +675,10 @@ class Trainer:
         write_report(self.run_dir, title=f"seglab {self.task.command}: {self.run_dir.name}", facts=facts, scores=scores)
 
     def _shipped_model(self) -> nn.Module:
-        """The weights that are evaluated and saved for use: the EMA ones when EMA is on."""
+        """The weights that are evaluated and saved for use: the EMA ones when EMA is on, the SWA
+        average once it has begun."""
+        if self.swa is not None and self.swa.model is not None:
+            return self.swa.model
         return self.ema.module if self.ema is not None else self.shipped
 
     # ------------------------------------------------------------------ state
@@ -676,6 +710,7 @@ class Trainer:
             "train": train,
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
             "task_state": self.task.state(),
             "rng": rng,
             "rows": self.rows,
@@ -693,6 +728,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
+        if self.swa is not None and ckpt.get("swa") is not None:
+            self.swa.load_state_dict(ckpt["swa"])
         self.task.load_state(ckpt.get("task_state") or {})
         states = ckpt["rng"]  # one per rank; a run resumed on fewer or more ranks starts theirs from rank 0's
         restore_rng(states[self.dist.rank] if self.dist.rank < len(states) else states[0])

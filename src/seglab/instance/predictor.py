@@ -25,7 +25,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from seglab.engine.checkpoint import ModelCard
-from seglab.engine.inference import amp_dtype, resolve_device
+from seglab.engine.inference import amp_dtype, amp_on, resolve_device
 from seglab.engine.predictor import Predictor, Result, atomic_save
 from seglab.errors import SeglabError
 from seglab.files import atomic_path
@@ -162,7 +162,7 @@ class DetectorModel(Predictor):
         self.model = model.to(self.device).eval()
         self.card, self.amp, self.metrics, self.config = card, amp, metrics, config or {}
         self.backend = "pytorch"
-        if amp:
+        if amp_on(self.device, amp):
             from seglab.instance.models import mixed_precision
 
             mixed_precision(self.model, self.device.type, amp_dtype(self.device))

@@ -17,7 +17,7 @@ from torch import nn
 
 from seglab.data import resolve_dataset, train_val_splits
 from seglab.engine.checkpoint import ModelCard, make_payload
-from seglab.engine.inference import amp_dtype
+from seglab.engine.inference import amp_dtype, amp_on
 from seglab.engine.report import EXAMPLES
 from seglab.engine.schedule import Plan
 from seglab.engine.trainer import Step, Task
@@ -95,7 +95,7 @@ class InstanceTask(Task):
         self.model = build_detector(
             DetectorSpec(cfg.model, backbone, spec.num_classes, cfg.encoder_weights, cfg.img_size)
         ).to(self.device)
-        if cfg.amp:
+        if amp_on(self.device, cfg.amp, cfg.amp_dtype):
             mixed_precision(self.model, self.device.type, amp_dtype(self.device, cfg.amp_dtype))
         if self.dist.enabled and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)

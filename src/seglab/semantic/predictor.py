@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from seglab.data.io import MAX_PIXELS
 from seglab.engine.checkpoint import ModelCard
 from seglab.engine.evaluator import EvalResult, evaluate
-from seglab.engine.inference import Inferencer, resized_labels, resolve_device
+from seglab.engine.inference import Inferencer, amp_on, resized_labels, resolve_device
 from seglab.engine.predictor import Predictor, SegResult, expand_source, read_batches
 from seglab.errors import SeglabError
 
@@ -50,8 +50,9 @@ class SegModel(Predictor):
             from seglab.engine.fastpath import fold_batchnorm, tune_depthwise
 
             fold_batchnorm(self.model)  # so self.model no longer loads a training state_dict
-            h, w = card.crop_size or [card.img_size, card.img_size]
-            tune_depthwise(self.model, torch.zeros(1, card.in_channels, h, w), backward=False)
+            if amp_on(self.device, amp):  # bfloat16 kernels: which depthwise layers stay float32
+                h, w = card.crop_size or [card.img_size, card.img_size]
+                tune_depthwise(self.model, torch.zeros(1, card.in_channels, h, w), backward=False)
 
     def inferencer(self, *, tta: bool = False, slide: bool = False, overlap: float = 1 / 3) -> Inferencer:
         crop = self.card.crop_size or [self.card.img_size, self.card.img_size]

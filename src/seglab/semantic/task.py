@@ -32,7 +32,7 @@ from seglab.data import (
 from seglab.engine.checkpoint import ModelCard, build_from, card_from_dict, make_payload
 from seglab.engine.distributed import gather_objects
 from seglab.engine.evaluator import evaluate
-from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, autocast, normalize
+from seglab.engine.inference import AMP_DTYPES, Inferencer, amp_dtype, amp_on, autocast, normalize
 from seglab.engine.predictor import SegResult
 from seglab.engine.report import EXAMPLES
 from seglab.engine.schedule import Plan, build_optimizer, build_scheduler
@@ -235,14 +235,18 @@ class SemanticTask(Task):
             if not self.dist.enabled:
                 return
             batch = self._blank_batch()  # every rank must join this step's gradient all-reduce
-        x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.network_inputs(batch)
         y = batch["mask"].to(self.device, non_blocking=True)  # [B,H,W] int64
         with autocast(self.device, cfg.amp, cfg.amp_dtype):
             logits = nets["model"](x)  # [B,K,H,W]
         loss = self.loss_fn(logits.float(), y)
         yield "model", loss, {"train_loss": loss.item()}
+
+    def network_inputs(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if batch["image"] is None:
+            return None
+        x = normalize(batch["image"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     def _blank_batch(self) -> dict[str, Any]:
         """One all-ignore image: its loss is 0 and its gradients are zero."""
@@ -341,7 +345,8 @@ class SemanticTask(Task):
         and every rank use the same layers, so the numerics do not change mid-run. Two fresh
         runs may choose differently; --deterministic keeps every layer in bfloat16."""
         cfg = self.cfg
-        if not (cfg.amp and self.device.type == "cpu" and amp_dtype(self.device, cfg.amp_dtype) == torch.bfloat16):
+        on = amp_on(self.device, cfg.amp, cfg.amp_dtype)
+        if not (on and self.device.type == "cpu" and amp_dtype(self.device, cfg.amp_dtype) == torch.bfloat16):
             return []
         from seglab.engine.fastpath import depthwise_convs, run_in_float32, tune_depthwise
 
