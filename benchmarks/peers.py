@@ -212,6 +212,48 @@ def seglab_row(row: str, budget: float, out: Path, seed: int) -> dict:
     return {**result, "epochs": epochs, "train_images_per_s": 367 * epochs / seconds, "val_miou_by_epoch": curve}
 
 
+def plot(results: dict, work: Path, budget: float, path: Path) -> None:
+    """val mIoU against training minutes: every validation of the seglab rows (seglab's val is this
+    scorer), and each row's final score at its minutes (the peers validate with their own metrics,
+    so only their end point is scored here)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, r in results.items():
+        row, _, seed = key.partition(" (seed ")
+        metrics = row_dir(work, row, budget, int(seed.rstrip(")") or 0)) / "train" / "metrics.csv"
+        if row.startswith("seglab") and metrics.is_file():
+            minutes, scores, clock = [], [], 0.0
+            for line in csv.DictReader(metrics.open()):
+                clock += float(line["epoch_time_s"]) / 60
+                if line["val_miou"]:
+                    minutes.append(clock)
+                    scores.append(100 * float(line["val_miou"]))
+            (curve,) = ax.plot(minutes, scores, marker=".", label=f"{key}: {r['miou']:.1f}")
+            ax.plot([r["train_minutes"]], [r["miou"]], marker="*", markersize=12, color=curve.get_color())
+        else:
+            ax.plot(
+                [r["train_minutes"]],
+                [r["miou"]],
+                marker="o",
+                markersize=8,
+                linestyle="",
+                label=f"{key}: {r['miou']:.1f}",
+            )
+    ax.set(xlabel="training minutes (this CPU, validation included)", ylabel="CamVid val mIoU (one scorer)",
+           title=f"CamVid from scratch and from offline ImageNet encoders, {budget:g}-minute budget")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -219,6 +261,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="every row's seed (Ultralytics' seed= too)")
     parser.add_argument("--peers-python", default="/work/peers/bin/python", help="the venv with ultralytics and smp")
     parser.add_argument("--work", default=str(ROOT / "runs" / "peers"), help="run folders and predicted masks")
+    parser.add_argument("--plot", action="store_true", help="only draw the curve of the results file again")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one peer row, run by the peers' interpreter
     args = parser.parse_args()
     work = Path(args.work)
@@ -231,6 +274,9 @@ def main() -> None:
 
     path = ROOT / "benchmarks" / "results" / f"peers_{args.budget:g}min.json"
     results = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    if args.plot:
+        plot(results, work, args.budget, path.with_suffix(".png"))
+        return
     for row in args.rows:
         key = row if not args.seed else f"{row} (seed {args.seed})"
         out = row_dir(work, row, args.budget, args.seed)
@@ -255,6 +301,7 @@ def main() -> None:
     from common import write_result
 
     write_result(path, budget_min=args.budget, rows=results)
+    plot(results, work, args.budget, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

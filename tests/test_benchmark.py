@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from test_export import assert_user_error, seglab_cli
+
 FORMATS = ["pytorch", "pytorch-amp", "onnx", "torchscript", "torch-export", "onnx-int8"]
-
-
-def seglab_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seglab", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=900
-    )
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("seglab: error:"), proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_every_format_is_exported_checked_timed_and_scored(make_checkpoint, tmp_path, shared_data):
