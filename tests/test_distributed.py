@@ -104,3 +104,26 @@ def test_val_on_two_ranks_equals_one_rank_exactly(tmp_path, shapes):
         one == two
         and one["num_pixels"] < json.loads((tmp_path / "runs/val/one/metrics.json").read_text())["num_pixels"]
     )
+
+
+def test_cleanup_frees_the_group_that_ddp_holds_in_a_cycle(tmp_path):
+    """destroy_process_group alone leaves gloo's worker threads to interpreter exit, where one still
+    holding a tensor aborts the rank (SIGABRT after "done"); cleanup frees DDP, and the group, now.
+    In a fresh interpreter, as a torchrun rank is: earlier tests change what DDP builds."""
+    script = f"""
+import gc, weakref
+import torch, torch.distributed as dist
+from seglab.engine.distributed import cleanup
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+gc.disable()  # no collection of its own between the checks
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+model(torch.randn(3, 2)).sum().backward()
+alive = weakref.ref(model)
+del model
+assert alive() is not None, "DistributedDataParallel is no longer in a cycle: this test checks nothing"
+cleanup()
+assert not dist.is_initialized()
+assert alive() is None, "cleanup left DistributedDataParallel (and its group's threads) alive"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -108,6 +108,38 @@ def test_a_time_budget_counts_epochs_and_validations_into_what_is_left():
     assert budget.over()
 
 
+def test_the_minutes_after_the_whole_epochs_go_to_a_last_part_epoch():
+    from seglab.engine.schedule import Plan, TimeBudget
+
+    budget = TimeBudget(minutes=100 / 60)
+    budget.train_s, budget.val_s = [20.0], [5.0]
+    plan = Plan(steps_per_epoch=10, epochs=30)
+    # after epoch 1: 3 more whole epochs cost 60 + 5 x 4 = 80 s; the 20 s spare, less its validation,
+    # hold 0.75 of an epoch: a fifth epoch of 7 steps, and the schedule ends at step 47
+    budget.fit(plan, 1, val_interval=1)
+    assert (plan.epochs, plan.last_epoch_steps, plan.total) == (5, 7, 47)
+    assert plan.describe() == "5 epochs, the last one 7 of its 10 steps"
+    budget.used_s = 12.0  # 8 s spare: less than a quarter of an epoch after its validation, so whole epochs only
+    budget.fit(plan, 1, val_interval=1)
+    assert (plan.epochs, plan.last_epoch_steps, plan.total) == (4, 0, 40)
+
+
+def test_a_part_epoch_stops_after_its_steps_and_is_validated(tmp_path, shapes):
+    from seglab.config import load_train_config
+    from seglab.engine.trainer import Trainer
+    from seglab.tasks import get_task
+
+    base = dict(data=str(shapes), model="fcn", epochs=2, batch=2, img_size=40, workers=0, out=str(tmp_path))
+    cfg = load_train_config(None, **base, val_interval=5)
+    trainer = Trainer(cfg, get_task(cfg.task), progress=False, log=lambda _: None)
+    trainer.plan.last_epoch_steps = 2  # of 6: what a budget's fit sets
+    out = trainer.fit()
+    assert len(out["rows"]) == 2 and out["rows"][-1]["val_miou"] != ""
+    last = torch.load(out["run_dir"] / "weights" / "last.pt", weights_only=False)
+    assert last["train"]["model"]["scheduler"]["last_epoch"] == 6 + 2
+    assert last["planned_last_steps"] == 2
+
+
 def test_the_schedule_follows_the_plan_as_the_budget_changes_it():
     from seglab.config import TrainConfig
     from seglab.engine.schedule import Plan, build_scheduler
@@ -146,9 +178,10 @@ def test_training_for_minutes_fits_the_epochs_validates_the_last_and_resumes_wit
 
     # more minutes for the finished run: it goes on from where it stopped, the minutes used counted
     messages.clear()
-    more = quiet_train(tmp_path, shapes, messages, resume=str(run.last), time=2 * minutes)
+    # (4x: room after a first validation slowed by a busy machine)
+    more = quiet_train(tmp_path, shapes, messages, resume=str(run.last), time=4 * minutes)
     again = torch.load(more.last, weights_only=False)
-    assert len(more.rows) > len(rows)
+    assert len(more.rows) > len(rows), "\n".join(messages)
     assert again["time_budget"]["used_s"] > spent
     assert any(m.startswith("resume: continuing") for m in messages)
 

@@ -24,10 +24,16 @@ class Plan:
 
     steps_per_epoch: int
     epochs: int
+    last_epoch_steps: int = 0  # > 0: the last epoch ends after this many steps (what a budget has left)
 
     @property
     def total(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        return (self.epochs - 1) * self.steps_per_epoch + (self.last_epoch_steps or self.steps_per_epoch)
+
+    def describe(self) -> str:
+        if not self.last_epoch_steps:
+            return f"{self.epochs} epochs"
+        return f"{self.epochs} epochs, the last one {self.last_epoch_steps} of its {self.steps_per_epoch} steps"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -112,19 +118,32 @@ class TimeBudget:
     def over(self) -> bool:
         return self.elapsed() >= self.seconds
 
+    def fit(self, plan: Plan, done: int, val_interval: int, min_part: float = 0.25) -> None:
+        """Set ``plan`` to the whole epochs that fit (see ``epochs``) and, where the minutes left after
+        them hold at least ``min_part`` of an epoch and its validation, a last epoch cut to the steps
+        that fit: the whole budget is used and the schedule still ends with it."""
+        plan.epochs, plan.last_epoch_steps = self.epochs(done, val_interval), 0
+        train = sum(self.train_s) / len(self.train_s)
+        val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0
+        spare = self.seconds - self.elapsed() - self._cost(done, plan.epochs - done, train, val, val_interval)
+        part = (spare - val) / train if train > 0 else 0.0
+        if min_part <= part < 1:
+            plan.epochs += 1
+            plan.last_epoch_steps = max(1, math.floor(part * plan.steps_per_epoch))
+
+    @staticmethod
+    def _cost(done: int, more: int, train: float, val: float, val_interval: int) -> float:
+        end = done + more
+        validations = sum(1 for e in range(done, end + 1) if e % val_interval == 0 or e == end)
+        return more * train + validations * val
+
     def epochs(self, done: int, val_interval: int) -> int:
         """The run's length: the ``done`` epochs (the last one trained, not yet validated) and as many
         more as fit in what is left, each validation counted, the last epoch's always."""
         train = sum(self.train_s) / len(self.train_s)
         val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0  # unknown before the first one
         left = self.seconds - self.elapsed()
-
-        def cost(more: int) -> float:
-            end = done + more
-            validations = sum(1 for e in range(done, end + 1) if e % val_interval == 0 or e == end)
-            return more * train + validations * val
-
         more = 0
-        while cost(more + 1) <= left:
+        while self._cost(done, more + 1, train, val, val_interval) <= left:
             more += 1
         return done + more

@@ -329,6 +329,7 @@ class Trainer:
         self.start_epoch, self.start_batch, self.best_score = 0, 0, -1.0  # scores are 0..1
         self.partial: tuple[dict[str, float], int] = ({}, 0)  # a mid-epoch resume's sums so far
         self.skipped_steps = 0  # non-finite losses skipped (--nonfinite skip)
+        self.epoch_steps = 0  # optimiser steps of the epoch under way (or just trained)
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM
         self.rows: list[dict[str, Any]] = []
         self.budget = TimeBudget(cfg.time) if cfg.time else None
@@ -463,19 +464,23 @@ class Trainer:
     def _fit_to_time(self, epoch: int, seconds: float) -> None:
         """--time: the run's length after epoch ``epoch`` trained in ``seconds``, as rank 0 sees it."""
         assert self.budget is not None
-        if not (epoch == self.start_epoch and self.start_batch):  # a resumed part-epoch is not a measure
-            self.budget.train_s.append(seconds)
+        plan = self.plan
+        if not (epoch == self.start_epoch and self.start_batch) and self.epoch_steps:  # a resumed part is no measure
+            self.budget.train_s.append(seconds * plan.steps_per_epoch / self.epoch_steps)  # a whole epoch's time
         if not self.budget.train_s:
             return
-        planned = self.budget.epochs(epoch + 1, self.cfg.val_interval) if self.dist.is_main else 0
-        planned = int(all_reduce_sum(torch.tensor([float(planned)], device=self.device)).item())
-        if planned != self.plan.epochs:
+        before = (plan.epochs, plan.last_epoch_steps)
+        if self.dist.is_main:
+            self.budget.fit(plan, epoch + 1, self.cfg.val_interval)
+        mine = [float(plan.epochs), float(plan.last_epoch_steps)] if self.dist.is_main else [0.0, 0.0]
+        agreed = all_reduce_sum(torch.tensor(mine, device=self.device)).tolist()  # rank 0's plan, on every rank
+        plan.epochs, plan.last_epoch_steps = int(agreed[0]), int(agreed[1])
+        if (plan.epochs, plan.last_epoch_steps) != before:
             val = f" (+{duration(self.budget.val_s[-1])} to validate)" if self.budget.val_s else ""
             self.log(
                 f"{self.task.command}: --time {self.cfg.time:g} min: {duration(self.budget.elapsed())} used, an epoch "
-                f"trains in {duration(seconds)}{val}; {planned} epochs in all"
+                f"trains in {duration(self.budget.train_s[-1])}{val}; {plan.describe()} in all"
             )
-            self.plan.epochs = planned
 
     def _out_of_time(self) -> bool:
         """--time is spent (rank 0's clock): the epoch under way is cut short and is the last."""
@@ -495,13 +500,16 @@ class Trainer:
         sums, count = self.partial if start else ({}, 0)
         sums = dict(sums)
         past = [float(r["epoch_time_s"]) for r in self.rows if r.get("epoch_time_s") not in (None, "")]
+        last = self.plan.last_epoch_steps if epoch + 1 == self.plan.epochs else 0  # a budget's part-epoch
         bar = EpochProgress(
-            loader, epoch=epoch, epochs=self.plan.epochs, start=start, total=start + len(loader),
+            loader, epoch=epoch, epochs=self.plan.epochs, start=start,
+            total=min(start + len(loader), last * cfg.accumulate) if last else start + len(loader),
             progress=self.progress, log=self.log, images_per_step=cfg.batch * self.dist.world,
             every_steps=cfg.log_interval, every_s=cfg.log_seconds, past=past,
         )  # fmt: skip
         for _, optimizer_scheduler in self.parts.items():
             optimizer_scheduler[0].zero_grad(set_to_none=True)
+        self.epoch_steps = math.ceil(start / cfg.accumulate)
         for i, batch in enumerate(bar, start=start):
             boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == start + len(loader)
             logged = self._step(batch, epoch, i, boundary)
@@ -512,11 +520,14 @@ class Trainer:
             count += 1
             if boundary:
                 self._finish_step()
+                self.epoch_steps += 1
                 if self._stop_requested():
                     self._save_state(self.run_dir / "weights" / "last.pt", epoch, i + 1, (sums, count))
                     raise TrainingStopped(epoch, i + 1)
                 if self._out_of_time():
                     self.log(f"{self.task.command}: --time {cfg.time:g} min spent at epoch {epoch + 1}, step {i + 1}")
+                    break
+                if self.epoch_steps == last:
                     break
             lr = next(iter(self.parts.values()))[0].param_groups[0]["lr"]
             bar.update(i + 1, {k: v / count for k, v in sums.items()}, lr)
@@ -715,6 +726,7 @@ class Trainer:
             "rng": rng,
             "rows": self.rows,
             "planned_epochs": self.plan.epochs,
+            "planned_last_steps": self.plan.last_epoch_steps,
             "time_budget": self.budget.state() if self.budget is not None else None,
         }
         save_checkpoint(path, {**self.task.payload(self._shipped_model()), **state}, keep_previous=True)
@@ -741,10 +753,11 @@ class Trainer:
         self.rows = restore_rows(ckpt, self.run_dir, self.start_epoch)
         if self.budget is not None:  # the minutes so far count, and the epochs measured so far
             self.budget.load_state(ckpt.get("time_budget") or {})
-            planned = int(ckpt.get("planned_epochs") or self.plan.epochs)
-            if planned <= self.start_epoch and self.budget.train_s:  # a finished run given more minutes
-                planned = self.budget.epochs(self.start_epoch, self.cfg.val_interval)
-            self.plan.epochs = planned
+            self.plan.epochs = int(ckpt.get("planned_epochs") or self.plan.epochs)
+            last = int(ckpt.get("planned_last_steps") or 0)
+            self.plan.last_epoch_steps = min(max(0, last), self.plan.steps_per_epoch)
+            if self.plan.epochs <= self.start_epoch and self.budget.train_s:  # a finished run given more minutes
+                self.budget.fit(self.plan, self.start_epoch, self.cfg.val_interval)
 
     def _write_csv(self) -> None:
         write_csv(self.run_dir / "metrics.csv", self.fields, self.rows)
