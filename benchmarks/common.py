@@ -1,4 +1,4 @@
-"""What every benchmark script shares: where results go and the run's provenance."""
+"""What every benchmark script shares: where results go, the run's provenance, a run's scores."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def write_result(path: str | Path, **fields: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+
+
+def last_scores(run: Path) -> dict:
+    """A finished training run's last epoch: val mIoU and per-class IoU in points, from its last.pt."""
+    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)  # our own file
+    metrics = ckpt["metrics"]
+    return {
+        "run": str(run),
+        "epochs": ckpt["epoch"],
+        "miou": round(100 * metrics["miou"], 2),
+        "iou": {k: round(100 * v["iou"], 2) for k, v in metrics["per_class"].items()},
+    }

@@ -18,8 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from common import write_result
+from common import last_scores, write_result
 
 
 def run(name: str, seed: int, epochs: int, swa: bool) -> dict:
@@ -30,14 +29,7 @@ def run(name: str, seed: int, epochs: int, swa: bool) -> dict:
                    *(["--swa"] if swa else [])]  # fmt: skip
         print("$", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
-    ckpt = torch.load(folder / "weights" / "last.pt", map_location="cpu", weights_only=False)  # our own file
-    metrics = ckpt["metrics"]
-    return {
-        "run": str(folder),
-        "epochs": ckpt["epoch"],
-        "miou": round(100 * metrics["miou"], 2),
-        "iou": {k: round(100 * v["iou"], 2) for k, v in metrics["per_class"].items()},
-    }
+    return last_scores(folder)
 
 
 def main() -> None:

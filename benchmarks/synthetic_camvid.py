@@ -24,8 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from common import write_result
+from common import last_scores, write_result
 
 RARE = ["Pole", "SignSymbol", "Fence", "Pedestrian", "Bicyclist"]
 SYNTH = "runs/synth/camvid_rare184"
@@ -44,14 +43,7 @@ def segmenter(name: str, seed: int, data: str | None, epochs: int) -> dict:
         extra = ["--data", data] if data else []
         seglab("train", "--config", "configs/camvid_synth_base.yaml", *extra, "--epochs", str(epochs),
                "--seed", str(seed), "--name", name, "--exist-ok")  # fmt: skip
-    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
-    metrics = ckpt["metrics"]
-    return {
-        "run": str(run),
-        "epochs": ckpt["epoch"],
-        "miou": round(100 * metrics["miou"], 2),
-        "iou": {k: round(100 * v["iou"], 2) for k, v in metrics["per_class"].items()},
-    }
+    return last_scores(run)
 
 
 def main() -> None:
