@@ -53,7 +53,8 @@ def commands(shapes: Path, facades: Path) -> dict[str, list]:
     common = ["--epochs", "1", "--batch", "2", "--workers", "0", "--seed", "1"]
     return {
         "semantic": ["train", "--data", shapes, "--model", "fcn", "--img-size", "40", *common],
-        "instance": ["train", "--task", "instance", "--data", facades, "--img-size", "96", "--limit", "8", *common],
+        "instance": ["train", "--task", "instance", "--data", facades, "--img-size", "96", "--limit", "8",
+                     "--encoder", "resnet18", *common],
         "generate": ["gen", "train", "--data", shapes, "--model", "vae", "--img-size", "32", "--width", "8",
                      "--z-dim", "8", *common],
     }  # fmt: skip

@@ -34,8 +34,9 @@ def task_args(task: str, data: dict[str, Path], name: str) -> list[str]:
         name,
     ]
     if task == "instance":
+        # ResNet-18 under the pyramid, not the default ResNet-50: the engine is what is tested, in 2.5x less time
         return ["train", "--task", "instance", "--data", str(data["facades"]), "--img-size", "96", "--limit", "6",
-                "--workers", "0", *common]  # fmt: skip
+                "--encoder", "resnet18", "--workers", "0", *common]  # fmt: skip
     return ["gen", "train", "--data", str(data["camvid"]), "--model", "pix2pix", "--img-size", "48", "--width", "8",
             "--disc-width", "8", "--limit", "6", *common]  # fmt: skip
 
