@@ -31,7 +31,9 @@ def write_result(path: str | Path, **fields: Any) -> None:
 
 def last_scores(run: Path) -> dict:
     """A finished training run's last epoch: val mIoU and per-class IoU in points, from its last.pt."""
-    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)  # our own file
+    from seglab.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run / "weights" / "last.pt")
     metrics = ckpt["metrics"]
     return {
         "run": str(run),

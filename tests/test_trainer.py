@@ -135,7 +135,7 @@ def test_a_part_epoch_stops_after_its_steps_and_is_validated(tmp_path, shapes):
     trainer.plan.last_epoch_steps = 2  # of 6: what a budget's fit sets
     out = trainer.fit()
     assert len(out["rows"]) == 2 and out["rows"][-1]["val_miou"] != ""
-    last = torch.load(out["run_dir"] / "weights" / "last.pt", weights_only=False)
+    last = torch.load(out["run_dir"] / "weights" / "last.pt", weights_only=True)
     assert last["train"]["model"]["scheduler"]["last_epoch"] == 6 + 2
     assert last["planned_last_steps"] == 2
 

@@ -123,13 +123,17 @@ class TimeBudget:
         them hold at least ``min_part`` of an epoch and its validation, a last epoch cut to the steps
         that fit: the whole budget is used and the schedule still ends with it."""
         plan.epochs, plan.last_epoch_steps = self.epochs(done, val_interval), 0
-        train = sum(self.train_s) / len(self.train_s)
-        val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0
+        train, val = self._means()
         spare = self.seconds - self.elapsed() - self._cost(done, plan.epochs - done, train, val, val_interval)
         part = (spare - val) / train if train > 0 else 0.0
         if min_part <= part < 1:
             plan.epochs += 1
             plan.last_epoch_steps = max(1, math.floor(part * plan.steps_per_epoch))
+
+    def _means(self) -> tuple[float, float]:
+        """Mean seconds of an epoch's training and of a validation (0 before the first one)."""
+        val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0
+        return sum(self.train_s) / len(self.train_s), val
 
     @staticmethod
     def _cost(done: int, more: int, train: float, val: float, val_interval: int) -> float:
@@ -140,8 +144,7 @@ class TimeBudget:
     def epochs(self, done: int, val_interval: int) -> int:
         """The run's length: the ``done`` epochs (the last one trained, not yet validated) and as many
         more as fit in what is left, each validation counted, the last epoch's always."""
-        train = sum(self.train_s) / len(self.train_s)
-        val = sum(self.val_s) / len(self.val_s) if self.val_s else 0.0  # unknown before the first one
+        train, val = self._means()
         left = self.seconds - self.elapsed()
         more = 0
         while self._cost(done, more + 1, train, val, val_interval) <= left:
