@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_arguments(command("prune", "remove channels, fine-tune, and report size, speed and mIoU"))
     add_serve_arguments(command("serve", "serve a model over HTTP, with a page at /"))
-    _add_gen_commands(command("gen", "images from label maps (pix2pix, SPADE), DCGAN/VAE baselines, synthetic data"))
+    _add_gen_commands(
+        command("gen", "images from label maps (pix2pix, SPADE) or noise (DCGAN, VAE, StyleGAN2), synthetic data")
+    )
     return parser
 
 
@@ -236,13 +238,26 @@ def _add_gen_commands(p: argparse.ArgumentParser) -> None:
 
     _add_config_flags(action("train", "train a generator (run folder in runs/gen/<name>)"), GenConfig)
 
-    q = action("sample", "paint a folder of label maps (pix2pix, spade), or --n images from noise (dcgan, vae)")
+    q = action("sample", "paint a folder of label maps (pix2pix, spade), or --n images from noise (the others)")
     q.add_argument("--weights", required=True, metavar="FILE", help="a generator from seglab gen train")
     q.add_argument("--masks", help="a label-map image or a folder of them (class indices, or the class colours)")
     q.add_argument("--out", required=True, help="folder for the generated PNGs")
-    q.add_argument("--n", type=int, default=16, help="dcgan, vae: how many images (default: 16)")
+    q.add_argument("--n", type=int, default=16, help="dcgan, vae, stylegan: how many images (default: 16)")
     q.add_argument("--batch", type=int, default=8)
     q.add_argument("--seed", type=int, default=0, help="noise and dropout seed (default: 0)")
+    q.add_argument(
+        "--truncation", type=float, metavar="PSI",
+        help="stylegan: w = w_avg + PSI (w - w_avg), 0 (the mean image) to 1 (no truncation; the default)",
+    )  # fmt: skip
+    q.add_argument(
+        "--mixing-grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+        help="stylegan: write mixing_grid.png instead of --n images: coarse styles from each row's image, "
+        "fine styles from each column's",
+    )  # fmt: skip
+    q.add_argument(
+        "--crossover", type=int, metavar="LAYER",
+        help="--mixing-grid: the first style layer taken from the column (default: half of the layers)",
+    )  # fmt: skip
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_trust_flag(q)
 
@@ -705,7 +720,8 @@ def _gen(args: argparse.Namespace) -> int:
 
         written = sample_folder(
             args.weights, args.masks, args.out, n=args.n, batch=args.batch, device=args.device, seed=args.seed,
-            trust=args.trust_weights,
+            trust=args.trust_weights, truncation=args.truncation, mixing_grid=args.mixing_grid,
+            crossover=args.crossover,
         )  # fmt: skip
         print(f"gen sample: {len(written)} image(s) in {args.out}")
         return 0

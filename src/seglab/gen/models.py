@@ -1,4 +1,4 @@
-"""Image generators: label map to image (pix2pix, SPADE), and two unconditional baselines.
+"""Image generators: label map to image (pix2pix, SPADE), and unconditional ones from noise.
 
 - ``pix2pix`` (Isola et al., 2017): a U-Net generator takes the one-hot label map and paints an
   RGB image; a PatchGAN discriminator judges (label map, image) pairs patch by patch (70x70
@@ -9,6 +9,8 @@
   so the layout is not washed out by normalisation deep in the network.
 - ``dcgan`` (Radford et al., 2016) and ``vae`` (Kingma and Welling, 2014): images from noise, no
   label map. They are the baselines a conditional model must beat on the same images.
+- ``stylegan`` (Karras et al., 2020): StyleGAN2 from noise, with its resnet discriminator; the
+  networks are in ``stylegan.py``.
 
 Images are [-1, 1] floats, label maps ``[B, H, W]`` class indices; the ignore label gets its
 own input channel (the generator still has to paint void pixels). Any image size works: the
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GEN_MODELS = ("pix2pix", "spade", "dcgan", "vae")
+GEN_MODELS = ("pix2pix", "spade", "dcgan", "vae", "stylegan")
 CONDITIONAL = ("pix2pix", "spade")
 
 
@@ -41,7 +43,7 @@ class GenCard:
     colors: list[tuple[int, int, int]] = field(default_factory=list)
     ignore_index: int = 255
     width: int = 32  # channels of the first layer; deeper layers double it, up to 8x
-    z_dim: int = 128  # noise size (dcgan, vae)
+    z_dim: int = 128  # noise size (dcgan, vae; stylegan: z and w)
     task: str = "generate"
 
     @property
@@ -74,6 +76,10 @@ class GenCard:
             return UNetGenerator(self.num_classes + 1, width=self.width, spade=self.arch == "spade")
         if self.arch == "dcgan":
             return DCGANGenerator(self.z_dim, (h, w), width=self.width)
+        if self.arch == "stylegan":
+            from seglab.gen.stylegan import StyleGAN2Generator  # stylegan.py imports pad_to from here
+
+            return StyleGAN2Generator(self.z_dim, (h, w), width=self.width)
         return VAE(self.z_dim, (h, w), width=self.width)
 
 
@@ -264,6 +270,10 @@ def build_discriminator(card: GenCard, *, width: int = 64) -> nn.Module | None:
         return PatchDiscriminator(card.num_classes + 1 + 3, width=width)
     if card.arch == "dcgan":
         return ConvDiscriminator(width=card.width)
+    if card.arch == "stylegan":
+        from seglab.gen.stylegan import StyleGAN2Discriminator
+
+        return StyleGAN2Discriminator(card.size, width=width)
     return None
 
 

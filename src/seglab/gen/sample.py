@@ -1,5 +1,5 @@
-"""Using a trained generator: images from label maps (``seglab gen sample``) and new training pairs
-for a segmenter (``seglab gen augment``).
+"""Using a trained generator: images from label maps or noise (``seglab gen sample``; for StyleGAN
+also truncation and the style-mixing grid) and new training pairs for a segmenter (``seglab gen augment``).
 
 Rare classes get more than their share in ``augment``: label maps are drawn with a weight that
 grows with their rare-class pixels, and each one receives the rare-class regions of other label
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from seglab.data import get_split, read_mask, resolve_dataset
@@ -26,6 +27,7 @@ from seglab.errors import SeglabError
 from seglab.files import atomic_path
 from seglab.gen.data import read_label_map, resize_labels, to_uint8
 from seglab.gen.models import VAE, GenCard, one_hot
+from seglab.gen.stylegan import StyleGAN2Generator
 from seglab.gen.trainer import load_generator
 from seglab.registry import did_you_mean
 
@@ -65,13 +67,38 @@ class Generator:
         return to_uint8(self.model(onehot).cpu())
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """``n`` images from noise (dcgan, vae) -> uint8 [n, 3, H, W]."""
+    def sample(self, n: int, *, truncation: float = 1.0) -> torch.Tensor:
+        """``n`` images from noise (dcgan, vae, stylegan) -> uint8 [n, 3, H, W]. ``truncation``
+        (stylegan): psi of w_avg + psi (w - w_avg), 1 = none."""
         if self.card.conditional:
             raise SeglabError(f"a {self.card.arch} generator paints label maps; call it with labels")
         z = torch.randn(n, self.card.z_dim, generator=self.rng).to(self.device)
+        if self.card.arch == "stylegan":
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=self.rng)))  # its noise inputs
+            return to_uint8(self.model(z, psi=truncation).cpu())
         decode = cast(VAE, self.model).decode if self.card.arch == "vae" else self.model
         return to_uint8(decode(z).cpu())
+
+    @torch.no_grad()
+    def mixing_grid(
+        self, rows: int, cols: int, *, crossover: int | None = None, truncation: float = 1.0
+    ) -> torch.Tensor:
+        """StyleGAN's style-mixing figure, uint8 [3, H', W']: ``rows`` source images down the left,
+        ``cols`` along the top, and in between each row's ws for the layers before ``crossover``
+        (the coarse ones: layout, shapes; default half of them) with the column's after (the fine
+        ones: colour, texture). Noise inputs are the model's fixed maps, so only the styles differ."""
+        g = cast(StyleGAN2Generator, self.model)
+        crossover = g.num_ws // 2 if crossover is None else crossover
+        z = torch.randn(rows + cols, self.card.z_dim, generator=self.rng).to(self.device)
+        ws = g.broadcast(g.truncate(g.mapping(z), truncation))  # [R + C, num_ws, w_dim]
+        sources = g.synthesis(ws, noise="const")
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols) + rows, indexing="ij")
+        mixed = torch.cat([ws[r.flatten(), :crossover], ws[c.flatten(), crossover:]], dim=1)
+        inner = g.synthesis(mixed, noise="const").view(rows, cols, 3, *self.size)
+        tiles = [torch.full_like(sources[0], -1.0), *sources[rows:]]  # a blank corner, then the columns
+        for i in range(rows):
+            tiles += [sources[i], *inner[i]]
+        return make_grid(to_uint8(torch.stack(tiles).cpu()), nrow=cols + 1, padding=2)
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -82,17 +109,26 @@ def save_png(array: np.ndarray, path: Path) -> None:
 def sample_folder(
     weights: str | Path, masks: str | Path | None, out: str | Path, *, n: int = 16, batch: int = 8,
     device: str = "auto", seed: int = 0, progress: bool = True, trust: bool = False,
+    truncation: float | None = None, mixing_grid: Sequence[int] | None = None, crossover: int | None = None,
 ) -> list[Path]:  # fmt: skip
-    """Paint every label map in ``masks`` (pix2pix, spade), or ``n`` images from noise (dcgan, vae),
-    into ``out`` as PNGs at the generator's size. Returns the written files."""
+    """Paint every label map in ``masks`` (pix2pix, spade), or ``n`` images from noise (dcgan, vae,
+    stylegan), into ``out`` as PNGs at the generator's size; or, with ``mixing_grid`` (rows,
+    columns; stylegan), one ``mixing_grid.png``. Returns the written files."""
     gen = Generator(weights, device=device, seed=seed, trust=trust)
+    check_stylegan_options(gen, weights, truncation, mixing_grid, crossover)
+    psi = 1.0 if truncation is None else truncation
     out = Path(out)
     written: list[Path] = []
+    if mixing_grid is not None:
+        grid = gen.mixing_grid(mixing_grid[0], mixing_grid[1], crossover=crossover, truncation=psi)
+        written.append(out / "mixing_grid.png")
+        save_png(grid.permute(1, 2, 0).numpy(), written[-1])
+        return written
     if not gen.card.conditional:
         if masks:
             raise SeglabError(f"--masks: {weights} is an unconditional {gen.card.arch}; drop --masks, use --n")
         for start in range(0, n, batch):
-            for i, image in enumerate(gen.sample(min(batch, n - start)), start=start):
+            for i, image in enumerate(gen.sample(min(batch, n - start), truncation=psi), start=start):
                 written.append(out / f"sample_{i:05d}.png")
                 save_png(image.permute(1, 2, 0).numpy(), written[-1])
         return written
@@ -108,6 +144,34 @@ def sample_folder(
             written.append(out / f"{path.stem}.png")
             save_png(image.permute(1, 2, 0).numpy(), written[-1])
     return written
+
+
+def check_stylegan_options(
+    gen: Generator,
+    weights: str | Path,
+    truncation: float | None,
+    mixing_grid: Sequence[int] | None,
+    crossover: int | None,
+) -> None:
+    """Refuse --truncation, --mixing-grid and --crossover where they cannot apply, in one line each."""
+    card = gen.card
+    given = [f for f, v in (("--truncation", truncation), ("--mixing-grid", mixing_grid)) if v is not None]
+    if given and card.arch != "stylegan":
+        raise SeglabError(
+            f"{given[0]}: {weights} is a {card.arch} generator; only stylegan has styles; drop {given[0]}"
+        )
+    if truncation is not None and not 0 <= truncation <= 1:
+        raise SeglabError(f"--truncation {truncation}: use 0 (the mean image) to 1 (no truncation)")
+    if mixing_grid is not None and (len(mixing_grid) != 2 or min(mixing_grid) < 1):
+        raise SeglabError(f"--mixing-grid {' '.join(map(str, mixing_grid))}: give ROWS COLS, 1 or more each")
+    if crossover is not None:
+        if mixing_grid is None:
+            raise SeglabError("--crossover goes with --mixing-grid ROWS COLS; add it, or drop --crossover")
+        num_ws = cast(StyleGAN2Generator, gen.model).num_ws
+        if not 1 <= crossover < num_ws:
+            raise SeglabError(
+                f"--crossover {crossover}: this generator has {num_ws} style layers; use 1 to {num_ws - 1}"
+            )
 
 
 # ---------------------------------------------------------------- augment

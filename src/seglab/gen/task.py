@@ -1,5 +1,5 @@
 """Generators in the training loop (``seglab gen train``): pix2pix and SPADE paint label maps,
-DCGAN and VAE are the unconditional baselines. The run folder adds
+DCGAN and VAE are the unconditional baselines, StyleGAN2 the unconditional model. The run folder adds
 
     samples/epoch_NNN.png  a fixed set of val label maps painted every epoch, beside the real
                            images (or a fixed noise grid)
@@ -8,6 +8,13 @@ DCGAN and VAE are the unconditional baselines. The run folder adds
 and metrics.csv has the loss parts and the val L1 distance per epoch. pix2pix's recipe: Adam
 (lr 2e-4, beta1 0.5) for both networks, a constant learning rate for the first half of the epochs
 and a linear decay to zero over the second, L1 weight 100.
+
+StyleGAN2's (Karras et al. 2020), in ``_stylegan_step``: the non-saturating logistic loss for both
+networks; style mixing (two ws, a random crossover layer) in ``--style-mixing`` of the steps; the
+R1 penalty on real images every ``R1_INTERVAL``-th discriminator step ("lazy" regularisation),
+weighted ``--r1-gamma / 2`` times the interval, with the discriminator's Adam rate and betas
+raised to the power interval / (interval + 1) to match, as in the paper; Adam betas (0, 0.99);
+the generator's mean w tracked at every step. No path-length regularisation.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from seglab.engine.schedule import Plan
 from seglab.engine.trainer import Step, Task
 from seglab.gen.data import PairDataset, generation_size, to_unit
 from seglab.gen.models import VAE, GenCard, build_discriminator, init_weights, one_hot
+from seglab.gen.stylegan import StyleGAN2Generator
+
+R1_INTERVAL = 16  # stylegan: the R1 penalty every this many discriminator steps
 
 
 def adversarial(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
@@ -41,7 +51,7 @@ def adversarial(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
 
 class GenTask(Task):
     command = "gen train"
-    fields = ("loss_d", "loss_g", "loss_adv", "l1", "kl", "val_l1")
+    fields = ("loss_d", "loss_g", "loss_adv", "l1", "kl", "r1", "val_l1")
     best = "generator.pt"  # every good epoch: a generator has no score that picks one epoch over another
     curves: ClassVar[dict[str, Any]] = {
         "losses": {"loss_d": "discriminator", "loss_g": "generator"},
@@ -70,12 +80,16 @@ class GenTask(Task):
             z_dim=cfg.z_dim,
         )
         self.generator = self.card.build().to(self.device)
-        init_weights(self.generator)
+        stylegan = cfg.model == "stylegan"  # its layers initialise themselves (equalised learning rate)
+        if not stylegan:
+            init_weights(self.generator)
         self.models = {"generator": self.generator}
         self.discriminator = build_discriminator(self.card, width=cfg.disc_width)
         if self.discriminator is not None:
-            init_weights(self.discriminator)
+            if not stylegan:
+                init_weights(self.discriminator)
             self.models["discriminator"] = self.discriminator.to(self.device)
+        self.d_steps = 0  # discriminator steps so far: when stylegan's lazy R1 penalty is due
         # the fixed inputs of the per-epoch sample grid
         g = torch.Generator().manual_seed(cfg.seed)
         self.grid_noise = torch.randn(4 * cfg.samples, cfg.z_dim, generator=g)
@@ -90,9 +104,16 @@ class GenTask(Task):
             hold = int(cfg.decay_from * total)
             return 1.0 if step < hold else max(0.0, (total - step) / max(1, total - hold))
 
+        assert cfg.lr is not None and cfg.beta1 is not None  # GenConfig fills them in
         parts: dict[str, tuple[torch.optim.Optimizer, Any]] = {}
         for name, model in self.models.items():
-            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+            lr, betas = cfg.lr, (cfg.beta1, 0.999)
+            if cfg.model == "stylegan":
+                betas = (cfg.beta1, 0.99)
+                if name == "discriminator":  # lazy R1: the same effective rate with the penalty every 16th step
+                    c = R1_INTERVAL / (R1_INTERVAL + 1)
+                    lr, betas = lr * c, (betas[0] ** c, betas[1] ** c)
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
             parts[name] = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
         return parts
 
@@ -109,6 +130,9 @@ class GenTask(Task):
         """The discriminator's update, then the generator's (the VAE: its one update)."""
         cfg, device = self.cfg, self.device
         real = to_unit(batch["image"]).to(device)
+        if self.card.arch == "stylegan":
+            yield from self._stylegan_step(real, nets)
+            return
         labels = one_hot(batch["labels"], self.card.num_classes, self.card.ignore_index).to(device)
         if self.card.arch == "vae":
             with autocast(device, cfg.amp, cfg.amp_dtype):
@@ -147,12 +171,49 @@ class GenTask(Task):
         finally:
             fixed.requires_grad_(True)
 
+    def _stylegan_step(self, real: torch.Tensor, nets: dict[str, nn.Module]) -> Step:
+        """StyleGAN2's step: one batch of images from noise (two ws in --style-mixing of the steps),
+        the discriminator's logistic loss (plus lazy R1), then the generator's non-saturating loss."""
+        cfg, device = self.cfg, self.device
+        num_ws = cast(StyleGAN2Generator, self.models["generator"]).num_ws
+        z = torch.randn(len(real), cfg.z_dim, device=device)
+        mix = None
+        if torch.rand(()).item() < cfg.style_mixing:  # ws from z before the crossover layer, from z2 after
+            mix = (torch.randn(len(real), cfg.z_dim, device=device), int(torch.randint(1, num_ws, ()).item()))
+        with autocast(device, cfg.amp, cfg.amp_dtype):
+            fake = nets["generator"](z, mix, update_w_avg=True)
+
+        def judge(discriminator: nn.Module, images: torch.Tensor) -> torch.Tensor:
+            with autocast(device, cfg.amp, cfg.amp_dtype):
+                return discriminator(images).float()
+
+        # discriminator: softplus(D(fake)) + softplus(-D(real)); every 16th step also
+        # gamma / 2 * |grad_x D(x)|^2 on the reals, times 16 (the paper's lazy regularisation)
+        d = nets["discriminator"]
+        lazy_r1 = cfg.r1_gamma > 0 and self.d_steps % R1_INTERVAL == 0
+        real = real.detach().requires_grad_(lazy_r1)
+        real_logits = judge(d, real)
+        loss_d = F.softplus(judge(d, fake.detach())).mean() + F.softplus(-real_logits).mean()
+        r1 = torch.zeros((), device=device)
+        if lazy_r1:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = cfg.r1_gamma / 2 * grad.square().sum(dim=(1, 2, 3)).mean() * R1_INTERVAL
+        self.d_steps += 1
+        yield "discriminator", loss_d + r1, {"loss_d": loss_d.item(), "r1": r1.item()}
+        # generator: softplus(-D(fake)), the bare discriminator held fixed (see step)
+        fixed = self.models["discriminator"].requires_grad_(False)
+        try:
+            loss_g = F.softplus(-judge(fixed, fake)).mean()
+            yield "generator", loss_g, {"loss_g": loss_g.item()}
+        finally:
+            fixed.requires_grad_(True)
+
     @torch.no_grad()
     def validate(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Mean L1 between val images and the generator's painting of their label maps (pix2pix,
         spade; dropout on, as when sampling) or their reconstruction (vae); each rank scores every
-        world-th pair and the sums are added. DCGAN has nothing to compare with."""
-        if self.card.arch == "dcgan":
+        world-th pair and the sums are added. DCGAN and StyleGAN have nothing to compare with."""
+        if self.card.arch in ("dcgan", "stylegan"):
             return {}, None
         cfg, device = self.cfg, self.device
         if not self.card.conditional:
@@ -208,6 +269,12 @@ class GenTask(Task):
             model.train()
             tiles, nrow = list(fake.float().cpu().add(1).div(2)), 4
         save_image(make_grid(torch.stack(tiles).clamp(0, 1), nrow=nrow, padding=2), path)
+
+    def state(self) -> dict[str, Any]:
+        return {"d_steps": self.d_steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.d_steps = int(state.get("d_steps", 0))
 
     def payload(self, model: nn.Module) -> dict[str, Any]:
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
