@@ -174,20 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-images", type=int, default=8, help="images in the parity check (default: 8)")
     add_trust_flag(p)
 
-    p = command("quantize", "int8 post-training quantisation of an ONNX export, with a report")
-    p.add_argument("--weights", required=True, metavar="FILE", help="a seglab checkpoint or its ONNX export")
+    p = command("quantize", "int8 post-training quantisation (ONNX Runtime or PyTorch PT2E), with a report")
+    p.add_argument(
+        "--weights", required=True, metavar="FILE", help="a seglab checkpoint (or, for ONNX Runtime, its ONNX export)"
+    )
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "pytorch"],
+        help="onnxruntime (default: an int8 .onnx) or pytorch (PT2E with the x86 Inductor quantiser: an int8 .pt2)",
+    )
     p.add_argument("--data", help="calibration and evaluation data (default: the training data)")
     p.add_argument("--calib", type=int, default=64, help="calibration images from the train split (default: 64)")
     p.add_argument(
-        "--method", default="minmax", choices=["minmax", "entropy", "percentile"], help="calibration (default: minmax)"
+        "--method", choices=["minmax", "entropy", "percentile"], help="onnxruntime calibration (default: minmax)"
     )
     p.add_argument(
         "--quant-format",
-        default="qdq",
         choices=["qdq", "qoperator"],
-        help="qdq (default; also what TensorRT reads) or qoperator (fixed-shape exports only)",
+        help="onnxruntime: qdq (default; also what TensorRT reads) or qoperator (fixed-shape exports only)",
     )
-    p.add_argument("--out", metavar="FILE", help="the int8 ONNX file (default: next to the weights)")
+    p.add_argument("--out", metavar="FILE", help="the int8 file (default: next to the weights)")
     p.add_argument(
         "--report",
         action=argparse.BooleanOptionalAction,
@@ -661,6 +668,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     quantize(
         args.weights,
+        backend=args.backend,
         data=args.data,
         calib=args.calib,
         method=args.method,

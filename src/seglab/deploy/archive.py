@@ -35,6 +35,12 @@ ALLOWED_ARGUMENTS = {  # torch.export's Argument kinds with no code, symbols or 
 }  # fmt: skip
 # The aten ops that reach the file system: those with a file name argument among torch's op schemas.
 FILE_OPS = {"save", "from_file"}
+# PT2E int8 graphs' rounding (seglab quantize --backend pytorch): tensor arithmetic, no files
+QUANTIZE_OPS = {
+    f"torch.ops.quantized_decomposed.{op}_per_{scale}.default"
+    for op in ("quantize", "dequantize")
+    for scale in ("tensor", "channel")
+}
 # torchvision's own ops that its detectors call (torch.ops.torchvision.*): tensor arithmetic, no files
 TORCHVISION_OPS = (["torchvision", "nms"], ["torchvision", "roi_align"])
 PT2_MEMBERS = {
@@ -193,7 +199,9 @@ def _check_program(program: Any, read: _ArchiveReader) -> list:
         for node in graph["nodes"]:
             target = node["target"]
             op = str(target).removeprefix("torch.ops.aten.").split(".")[0]
-            if target != "_operator.getitem" and (not str(target).startswith("torch.ops.aten.") or op in FILE_OPS):
+            if target == "_operator.getitem" or target in QUANTIZE_OPS:
+                continue
+            if not str(target).startswith("torch.ops.aten.") or op in FILE_OPS:
                 raise read.refuse(f"calls {short(target)}, which seglab's models never do (only aten tensor ops)")
         _check_arguments(program, read)
         specs = program["graph_module"]["signature"]["input_specs"]

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript", "torch-export": ".pt2"}
 # Float32 exports must match eager PyTorch to rounding; float16 ones to float16's precision.
 TOLERANCE = {"float32": (1e-3, 0.999), "float16": (0.25, 0.99)}  # max |logit difference|, argmax agreement
+SEMANTIC_IO = {  # what a semantic export's metadata says about its input and output
+    "input": "float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
+    "output": "float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
+}
 
 
 @dataclass
@@ -175,8 +179,8 @@ def _semantic_steps(
     img_size: Sequence[int] | None,
     batch: int,
 ) -> ExportSteps:
-    h, w = _input_size(card, img_size)
-    images, source = _parity_images(card, ckpt, data, check_images, (h, w))
+    h, w = input_size(card, img_size)
+    images, source = parity_images(card, ckpt, data, check_images, (h, w))
     example = normalize(images[:batch], card.mean, card.std)
     if len(example) < batch:
         example = example.repeat(-(-batch // len(example)), 1, 1, 1)[:batch]
@@ -194,8 +198,7 @@ def _semantic_steps(
             "height" if dynamic else h,
             "width" if dynamic else w,
         ],
-        input="float32 NCHW, RGB: (pixel / 255 - mean) / std, after resizing the long side to img_size",
-        output="float32 logits [batch, num_classes, height, width]; argmax over dim 1 gives class indices",
+        **SEMANTIC_IO,
     )
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"} if dynamic_batch else {}
 
@@ -224,7 +227,7 @@ def export_metadata(card: ModelCard, ckpt: dict, weights: str | Path, format: st
     )
 
 
-def _input_size(card: ModelCard, img_size: Sequence[int] | None) -> tuple[int, int]:
+def input_size(card: ModelCard, img_size: Sequence[int] | None) -> tuple[int, int]:
     """The export's input H, W: --img-size, else the training crop, else a square img_size."""
     if img_size:
         return (img_size[0], img_size[-1])
@@ -245,7 +248,7 @@ def parity_samples(card: ModelCard, ckpt: dict, data: str | Path | None, count: 
     return get_split(spec, "val")[:count] or get_split(spec, "train")[:count], f"{Path(data).name} images"
 
 
-def _parity_images(
+def parity_images(
     card: ModelCard, ckpt: dict, data: str | Path | None, count: int, size: tuple[int, int]
 ) -> tuple[torch.Tensor, str]:
     """``count`` uint8 images [N,C,H,W] at ``size``: real ones (``parity_samples``), else random

@@ -32,12 +32,14 @@ from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata, 
 from seglab.engine.checkpoint import ModelCard, card_from_dict
 from seglab.engine.stopping import DeferredSignals
 from seglab.errors import SeglabError
-from seglab.files import remove_stale_temporaries, temporary
+from seglab.files import atomic_path, remove_stale_temporaries, temporary
 from seglab.instance.models import TASK_DETECTORS
 
 if TYPE_CHECKING:
     import onnx
 
+BACKENDS = ("onnxruntime", "pytorch")
+SUFFIX = {"onnxruntime": ".onnx", "pytorch": ".pt2"}
 METHODS = ("minmax", "entropy", "percentile")
 QUANT_FORMATS = ("qdq", "qoperator")
 
@@ -53,10 +55,11 @@ class QuantizeResult:
 def quantize(
     weights: str | Path,
     *,
+    backend: str = "onnxruntime",
     data: str | Path | None = None,
     calib: int = 64,
-    method: str = "minmax",
-    quant_format: str = "qdq",
+    method: str | None = None,
+    quant_format: str | None = None,
     out: str | Path | None = None,
     report: bool = True,
     limit: int | None = None,
@@ -64,8 +67,17 @@ def quantize(
     trust: bool = False,
     log=print,
 ) -> QuantizeResult:
-    """Quantise a checkpoint (exported to ONNX first) or a float ONNX export to int8; ``trust`` as in
-    ``export``."""
+    """Quantise a checkpoint to int8: with ONNX Runtime (the checkpoint exported to ONNX first, or a
+    float ONNX export) or with PyTorch's PT2E (``seglab.deploy.pt2e``; a checkpoint); ``trust`` as
+    in ``export``. ``method`` and ``quant_format`` are ONNX Runtime's (default minmax, qdq)."""
+    if backend not in BACKENDS:
+        raise SeglabError(f"quantize: --backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "pytorch" and (method or quant_format):
+        raise SeglabError(
+            "quantize: --method and --quant-format are ONNX Runtime's; --backend pytorch uses the x86 Inductor "
+            "quantiser's own observers (histogram for activations, min-max per channel for weights)"
+        )
+    method, quant_format = method or "minmax", quant_format or "qdq"
     if method not in METHODS:
         raise SeglabError(f"quantize: --method {method!r} is not one of {', '.join(METHODS)}")
     if quant_format not in QUANT_FORMATS:
@@ -82,57 +94,110 @@ def quantize(
             "models only (calibration on whole-image logits, scored by mIoU), and a detector's box decoding, NMS "
             "and RoIAlign would have to stay float; use its float32 export: seglab export --format onnx"
         )
-    out = Path(out) if out else weights.with_name(f"{weights.stem}.int8.onnx")
-    if out.suffix != ".onnx":
-        raise SeglabError(f"quantize: --out {out}: the int8 model is an ONNX file; end the name in .onnx")
+    suffix = SUFFIX[backend]
+    out = Path(out) if out else weights.with_name(f"{weights.stem}.int8{suffix}")
+    if out.suffix != suffix:
+        raise SeglabError(f"quantize: --out {out}: a {backend} int8 model is a {suffix} file; end the name in {suffix}")
 
     with DeferredSignals() as signals:  # see seglab.deploy.export: SIGINT/SIGTERM stop at safe points
-        float_onnx = _float_onnx(weights, data, trust, log)
-        meta = read_metadata(float_onnx)
-        if meta.get("half") or meta.get("quantized"):
-            raise SeglabError(f"quantize: {float_onnx} is already reduced precision; quantise a float32 export")
-        card = card_from_dict(meta["card"], float_onnx)
-        data = data or meta.get("data")
-        if data is None or not Path(data).exists():
-            raise SeglabError(f"quantize: calibration needs the training images; pass --data (got {data})")
-
-        log(f"quantize: calibrating on {calib} train images of {data} ({method}, {quant_format})")
-        fixed = _fixed_size(meta)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        tmp = temporary(out, directory=True)
-        try:
-            prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
-            images = _calibration(card, data, calib, fixed, data_cache, signals.check)
-            try:
-                _quantize_static(float_onnx, prepared, quantized, images, method, quant_format)
-            except AssertionError as e:  # ONNX Runtime's quantiser asserts on graphs it cannot rewrite
-                raise SeglabError(
-                    f"quantize: ONNX Runtime's quantiser failed on {float_onnx} ({e}); "
-                    "use --quant-format qdq, or quantise a fixed-shape export (seglab export without --dynamic)"
-                ) from None
-            signals.check()
-            _copy_metadata(quantized, meta, method, quant_format, calib)
-            signals.check()  # the last point to stop at
-            os.replace(quantized, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log(f"quantize: wrote {out} ({out.stat().st_size / 2**20:.1f} MB, from {float_onnx.stat().st_size / 2**20:.1f} MB)")
+        if backend == "pytorch":
+            float_model, data = _quantize_pytorch(weights, out, data, calib, data_cache, trust, signals.check, log)
+        else:
+            float_model, data = _quantize_onnxruntime(
+                weights, out, data, calib, method, quant_format, data_cache, trust, signals.check, log
+            )
+    size_mb = (out.stat().st_size / 2**20, float_model.stat().st_size / 2**20)
+    log(f"quantize: wrote {out} ({size_mb[0]:.1f} MB, from {size_mb[1]:.1f} MB)")
 
     rows: list[Measurement] = []
     report_path = None
     if report:
-        rows = measure(
-            {"float32 (ONNX Runtime)": float_onnx, "int8 (ONNX Runtime)": out},
-            data,
-            limit=limit,
-            data_cache=data_cache,
-            log=log,
-        )
+        names = {"onnxruntime": ("float32 (ONNX Runtime)", "int8 (ONNX Runtime)"),
+                 "pytorch": ("float32 (PyTorch eager)", "int8 (PyTorch PT2E, Inductor)")}[backend]  # fmt: skip
+        models = dict(zip(names, (float_model, out), strict=True))
+        rows = measure(models, data, limit=limit, data_cache=data_cache, log=log)
         report_path = write_report(rows, out.with_name(f"{out.stem}_report"), f"int8 quantisation of {weights.name}")
         log(format_report(rows, f"int8 quantisation of {weights.name}"))
         log(f"quantize: report in {report_path}")
-    return QuantizeResult(float_onnx, out, report_path, rows)
+    return QuantizeResult(float_model, out, report_path, rows)
+
+
+def _quantize_onnxruntime(
+    weights: Path, out: Path, data, calib: int, method: str, quant_format: str, data_cache, trust: bool, check, log
+) -> tuple[Path, str | Path]:
+    """ONNX Runtime's static quantisation of the float ONNX model; returns (that model, the data)."""
+    float_onnx = _float_onnx(weights, data, trust, log)
+    meta = read_metadata(float_onnx)
+    if meta.get("half") or meta.get("quantized"):
+        raise SeglabError(f"quantize: {float_onnx} is already reduced precision; quantise a float32 export")
+    card = card_from_dict(meta["card"], float_onnx)
+    data = _calibration_data(data or meta.get("data"))
+    log(f"quantize: calibrating on {calib} train images of {data} ({method}, {quant_format})")
+    fixed = _fixed_size(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = temporary(out, directory=True)
+    try:
+        prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
+        images = _calibration(card, data, calib, fixed, data_cache, check)
+        try:
+            _quantize_static(float_onnx, prepared, quantized, images, method, quant_format)
+        except AssertionError as e:  # ONNX Runtime's quantiser asserts on graphs it cannot rewrite
+            raise SeglabError(
+                f"quantize: ONNX Runtime's quantiser failed on {float_onnx} ({e}); "
+                "use --quant-format qdq, or quantise a fixed-shape export (seglab export without --dynamic)"
+            ) from None
+        check()
+        _copy_metadata(quantized, meta, method, quant_format, calib)
+        check()  # the last point to stop at
+        os.replace(quantized, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return float_onnx, data
+
+
+def _quantize_pytorch(
+    weights: Path, out: Path, data, calib: int, data_cache, trust: bool, check, log
+) -> tuple[Path, str | Path]:
+    """PT2E post-training int8 of the checkpoint at its training crop, checked against it on real
+    images before it is renamed into place; returns (the checkpoint, the data)."""
+    from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images
+    from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao, save_program
+    from seglab.engine.checkpoint import load_model
+
+    if exported_format(weights) is not None:
+        raise SeglabError(f"quantize: --backend pytorch quantises a checkpoint; give the .pt that {weights} came from")
+    require_torchao("quantize --backend pytorch")
+    model, card, ckpt = load_model(weights, trust=trust)
+    data = _calibration_data(data or (ckpt.get("config") or {}).get("data"))
+    h, w = input_size(card, None)
+    log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
+    images = list(_calibration(card, data, calib, (h, w), data_cache, check))
+    meta = export_metadata(
+        card, ckpt, weights, "torch-export", input_shape=[1, card.in_channels, h, w], **SEMANTIC_IO,
+        quantized=quantized_metadata(len(images)),
+    )  # fmt: skip
+    with atomic_path(out) as tmp:
+        save_program(post_training_int8(model, torch.from_numpy(images[0]), images, check), tmp, meta)
+        check()
+        log("quantize: compiling the int8 graph (Inductor) to check it against the float model")
+        checked, source = parity_images(card, ckpt, data, 8, (h, w))
+        parity = check_parity(model, card, tmp, checked, batch=1, half=False, source=source)
+        log(f"quantize: argmax agreement with float32 on {parity.images} {source}: {100 * parity.agreement:.2f}%")
+        if parity.agreement < MIN_AGREEMENT:
+            raise SeglabError(
+                f"quantize: the int8 graph agrees with the float model on only {100 * parity.agreement:.1f}% of pixels "
+                f"(at least {100 * MIN_AGREEMENT:.0f}% expected); nothing was written to {out}. "
+                "Try --backend onnxruntime, or more --calib images"
+            )
+        check()  # the last point to stop at
+    return weights, data
+
+
+def _calibration_data(data: str | Path | None) -> str | Path:
+    if data is None or not Path(data).exists():
+        raise SeglabError(f"quantize: calibration needs the training images; pass --data (got {data})")
+    return data
 
 
 def _float_onnx(weights: Path, data: str | Path | None, trust: bool, log) -> Path:

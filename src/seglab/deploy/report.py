@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Measurement:
 
 
 def measure(
-    models: dict[str, str | Path],
+    models: Mapping[str, str | Path],
     data: str | Path | None,
     *,
     split: str = "val",
