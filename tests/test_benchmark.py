@@ -8,7 +8,7 @@ import pytest
 
 from test_export import assert_user_error, seglab_cli
 
-FORMATS = ["pytorch", "pytorch-amp", "onnx", "torchscript", "torch-export", "onnx-int8"]
+FORMATS = ["pytorch", "pytorch-amp", "onnx", "torchscript", "torch-export", "onnx-int8", "pytorch-int8"]
 
 
 def test_every_format_is_exported_checked_timed_and_scored(make_checkpoint, tmp_path, shared_data):
@@ -23,7 +23,7 @@ def test_every_format_is_exported_checked_timed_and_scored(make_checkpoint, tmp_
     assert json.loads(table.read_text())["rows"] == rows
     assert [r["format"] for r in rows] == FORMATS
     assert all(r["error"] is None and r["latency_ms"] > 0 and r["throughput"] > 0 for r in rows)
-    for name in ("model.onnx", "model.torchscript", "model.pt2", "model.int8.onnx"):
+    for name in ("model.onnx", "model.torchscript", "model.pt2", "model.int8.onnx", "model.int8.pt2"):
         assert (out / name).is_file()
 
     # each float export was checked against eager PyTorch, and scores what PyTorch scores
@@ -31,6 +31,7 @@ def test_every_format_is_exported_checked_timed_and_scored(make_checkpoint, tmp_
     for fmt in ("onnx", "torchscript", "torch-export"):
         assert "argmax" in by[fmt]["parity"] and by[fmt]["miou"] == pytest.approx(by["pytorch"]["miou"], abs=0.05)
     assert by["onnx-int8"]["size_mb"] < 0.4 * by["onnx"]["size_mb"]
+    assert by["pytorch-int8"]["size_mb"] < 0.7 * by["torch-export"]["size_mb"]
 
     # one fastest row, the one with the lowest batch-1 latency, marked in the printed table
     fastest = [r for r in rows if r["fastest"]]

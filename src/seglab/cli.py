@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N images")
     p.add_argument(
         "--formats", nargs="+", metavar="FORMAT", default=None,
-        help="pytorch pytorch-amp onnx torchscript torch-export onnx-int8 (default: all)",
+        help="pytorch pytorch-amp onnx torchscript torch-export onnx-int8 pytorch-int8 (default: all)",
     )  # fmt: skip
     p.add_argument("--rounds", type=int, default=10, help="timing rounds of each batch size (default: 10)")
     p.add_argument("--calib", type=int, default=64, help="onnx-int8: calibration images (default: 64)")

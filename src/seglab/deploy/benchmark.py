@@ -13,6 +13,7 @@ others go on. Formats (``--formats``):
     torchscript    torch.jit
     torch-export   torch.export (.pt2)
     onnx-int8      ONNX Runtime int8 (``seglab quantize``: calibrated on training images)
+    pytorch-int8   PyTorch's PT2E int8 through Inductor (``seglab quantize --backend pytorch``; torchao)
 
 The exports are fixed-shape at the size the evaluation images are run at (a fixed graph is the
 fastest one here; batch 8 is fed to them one image at a time, as ``seglab predict`` does).
@@ -28,7 +29,7 @@ from seglab.deploy.report import _eval_size, measure
 from seglab.deploy.runtime import exported_format, weights_task
 from seglab.errors import SeglabError
 
-FORMATS = ("pytorch", "pytorch-amp", "onnx", "torchscript", "torch-export", "onnx-int8")
+FORMATS = ("pytorch", "pytorch-amp", "onnx", "torchscript", "torch-export", "onnx-int8", "pytorch-int8")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript", "torch-export": "model.pt2"}
 
 
@@ -91,8 +92,8 @@ def benchmark(
     for fmt in formats:
         if fmt in ("pytorch", "pytorch-amp"):
             files[fmt], parity[fmt] = weights, "reference" if fmt == "pytorch" else "-"
-        elif fmt == "onnx-int8":
-            _int8(weights, out, data, size, calib, data_cache, trust, files, parity, failed, log)
+        elif fmt in ("onnx-int8", "pytorch-int8"):
+            _int8(fmt, weights, out, data, size, calib, data_cache, trust, files, parity, failed, log)
         else:
             from seglab.deploy.export import export
 
@@ -124,23 +125,29 @@ def benchmark(
     return table
 
 
-def _int8(weights, out, data, size, calib, data_cache, trust, files, parity, failed, log) -> None:
-    """The onnx-int8 row: the float ONNX export (made here if the onnx row was not), quantised."""
+def _int8(fmt, weights, out, data, size, calib, data_cache, trust, files, parity, failed, log) -> None:
+    """An int8 row: ONNX Runtime's from the float ONNX export (made here if the onnx row was not), or
+    PT2E's from the checkpoint, at the evaluation size."""
     from seglab.deploy.export import export
     from seglab.deploy.quantize import quantize
 
+    calibration = {"calib": calib, "data": data, "data_cache": data_cache, "report": False, "log": log}
     try:
-        source = files.get("onnx")
-        if source is None:  # the onnx row was not asked for: a float export of its own to quantise
-            float_out = out / "model.float.onnx"
-            source = export(weights, format="onnx", out=float_out, data=data, img_size=size, trust=trust, log=log).path
-        done = quantize(source, data=data, calib=calib, out=out / "model.int8.onnx", report=False,
-                        data_cache=data_cache, log=log)  # fmt: skip
+        if fmt == "pytorch-int8":
+            done = quantize(weights, backend="pytorch", img_size=size, out=out / "model.int8.pt2", trust=trust,
+                            **calibration)  # fmt: skip
+        else:
+            source = files.get("onnx")
+            if source is None:  # the onnx row was not asked for: a float export of its own to quantise
+                float_out = out / "model.float.onnx"
+                source = export(weights, format="onnx", out=float_out, data=data, img_size=size, trust=trust, log=log)
+                source = source.path
+            done = quantize(source, out=out / "model.int8.onnx", **calibration)
     except SeglabError as e:
-        failed["onnx-int8"] = str(e)
-        log(f"benchmark: onnx-int8: {e}")
+        failed[fmt] = str(e)
+        log(f"benchmark: {fmt}: {e}")
         return
-    files["onnx-int8"], parity["onnx-int8"] = done.int8_model, f"calibrated on {calib} train images"
+    files[fmt], parity[fmt] = done.int8_model, f"calibrated on {calib} train images"
 
 
 def _parity(p) -> str:

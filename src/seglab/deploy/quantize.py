@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,12 +64,14 @@ def quantize(
     report: bool = True,
     limit: int | None = None,
     data_cache: str | Path | None = None,
+    img_size: Sequence[int] | None = None,
     trust: bool = False,
     log=print,
 ) -> QuantizeResult:
     """Quantise a checkpoint to int8: with ONNX Runtime (the checkpoint exported to ONNX first, or a
-    float ONNX export) or with PyTorch's PT2E (``seglab.deploy.pt2e``; a checkpoint); ``trust`` as
-    in ``export``. ``method`` and ``quant_format`` are ONNX Runtime's (default minmax, qdq)."""
+    float ONNX export) or with PyTorch's PT2E (``seglab.deploy.pt2e``; a checkpoint, captured at
+    ``img_size`` H, W, default the training crop); ``trust`` as in ``export``. ``method`` and
+    ``quant_format`` are ONNX Runtime's (default minmax, qdq)."""
     if backend not in BACKENDS:
         raise SeglabError(f"quantize: --backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "pytorch" and (method or quant_format):
@@ -101,7 +103,9 @@ def quantize(
 
     with DeferredSignals() as signals:  # see seglab.deploy.export: SIGINT/SIGTERM stop at safe points
         if backend == "pytorch":
-            float_model, data = _quantize_pytorch(weights, out, data, calib, data_cache, trust, signals.check, log)
+            float_model, data = _quantize_pytorch(
+                weights, out, data, calib, data_cache, img_size, trust, signals.check, log
+            )
         else:
             float_model, data = _quantize_onnxruntime(
                 weights, out, data, calib, method, quant_format, data_cache, trust, signals.check, log
@@ -157,7 +161,7 @@ def _quantize_onnxruntime(
 
 
 def _quantize_pytorch(
-    weights: Path, out: Path, data, calib: int, data_cache, trust: bool, check, log
+    weights: Path, out: Path, data, calib: int, data_cache, img_size, trust: bool, check, log
 ) -> tuple[Path, str | Path]:
     """PT2E post-training int8 of the checkpoint at its training crop, checked against it on real
     images before it is renamed into place; returns (the checkpoint, the data)."""
@@ -170,7 +174,7 @@ def _quantize_pytorch(
     require_torchao("quantize --backend pytorch")
     model, card, ckpt = load_model(weights, trust=trust)
     data = _calibration_data(data or (ckpt.get("config") or {}).get("data"))
-    h, w = input_size(card, None)
+    h, w = input_size(card, img_size)
     log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
     images = list(_calibration(card, data, calib, (h, w), data_cache, check))
     meta = export_metadata(
