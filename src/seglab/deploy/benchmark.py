@@ -139,9 +139,9 @@ def _int8(fmt, weights, out, data, size, calib, data_cache, trust, files, parity
         else:
             source = files.get("onnx")
             if source is None:  # the onnx row was not asked for: a float export of its own to quantise
-                float_out = out / "model.float.onnx"
-                source = export(weights, format="onnx", out=float_out, data=data, img_size=size, trust=trust, log=log)
-                source = source.path
+                float_export = export(weights, format="onnx", out=out / "model.float.onnx", data=data, img_size=size,
+                                      trust=trust, log=log)  # fmt: skip
+                source = float_export.path
             done = quantize(source, out=out / "model.int8.onnx", **calibration)
     except SeglabError as e:
         failed[fmt] = str(e)

@@ -356,7 +356,11 @@ def torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, meta
 
 
 def _export_program(model: nn.Module, example: torch.Tensor, path: Path, meta: str, axes: dict, _: int) -> None:
-    program = torch.export.export(model, (example,))
+    save_program(torch.export.export(model, (example,)), path, meta)
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path, meta: str) -> None:
+    """A torch.export program as a .pt2 file, the model card as ``seglab.json`` in the archive."""
     torch.export.save(program, str(path), extra_files={f"{METADATA_KEY}.json": meta})
 
 

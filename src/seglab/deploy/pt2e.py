@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,14 +72,13 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def quantizer(graph: torch.fx.GraphModule, is_qat: bool = False):
+def quantizer(graph: torch.fx.GraphModule):
     """The x86 Inductor quantiser with its default config, except for the convolutions that produce
     the logits, which stay float32 (as in ``seglab.deploy.quantize``: rounding logits flips the argmax
     wherever two classes are close, which is along every boundary, and they are a sliver of the compute)."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    config = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
-    quantizer = xiq.X86InductorQuantizer().set_global(config)
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     for name in _classifier_convs(graph):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
@@ -128,20 +126,13 @@ def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule
     return graph
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path, meta: str) -> None:
-    from seglab.deploy.runtime import METADATA_KEY
-
-    torch.export.save(program, str(path), extra_files={f"{METADATA_KEY}.json": meta})
-
-
-def quantized_metadata(calib: int, qat_epochs: int = 0) -> dict[str, str]:
-    how = f"observed on {calib} train images" + (f", then {qat_epochs} epoch(s) of QAT" if qat_epochs else "")
+def quantized_metadata(calib: int) -> dict[str, str]:
     return {
         "backend": "pytorch",
         "weights": "int8 per channel",
         "activations": "uint8 per tensor",
         "format": "pt2e (X86InductorQuantizer)",
-        "calibration": how,
+        "calibration": f"observed on {calib} train images",
     }
 
 

@@ -110,8 +110,8 @@ def quantize(
             float_model, data = _quantize_onnxruntime(
                 weights, out, data, calib, method, quant_format, data_cache, trust, signals.check, log
             )
-    size_mb = (out.stat().st_size / 2**20, float_model.stat().st_size / 2**20)
-    log(f"quantize: wrote {out} ({size_mb[0]:.1f} MB, from {size_mb[1]:.1f} MB)")
+    int8_mb, float_mb = out.stat().st_size / 2**20, float_model.stat().st_size / 2**20
+    log(f"quantize: wrote {out} ({int8_mb:.1f} MB, from {float_mb:.1f} MB)")
 
     rows: list[Measurement] = []
     report_path = None
@@ -165,8 +165,8 @@ def _quantize_pytorch(
 ) -> tuple[Path, str | Path]:
     """PT2E post-training int8 of the checkpoint at its training crop, checked against it on real
     images before it is renamed into place; returns (the checkpoint, the data)."""
-    from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images
-    from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao, save_program
+    from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images, save_program
+    from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao
     from seglab.engine.checkpoint import load_model
 
     if exported_format(weights) is not None:
