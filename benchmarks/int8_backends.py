@@ -2,9 +2,11 @@
 
 Not a test. From one CamVid checkpoint: ``seglab quantize --backend onnxruntime`` (static QDQ on the
 fixed-shape ONNX export) and ``--backend pytorch`` (PT2E with the x86 Inductor quantiser, run
-compiled), both calibrated on the same ``--calib`` train images; then ``seglab.deploy.report.measure``
-times the four files interleaved (eager float32, ONNX Runtime float32, both int8) and scores each on
-val. Quantisation-aware training (``--qat``) is not built, so there is no fifth row.
+compiled), both calibrated on the same ``--calib`` train images, and ``--qat`` (PT2E after
+``--qat-epochs`` of quantisation-aware training in seglab's trainer on the checkpoint's own recipe,
+its run folder under runs/qat/; ``--qat-epochs 0`` leaves the row out); then
+``seglab.deploy.report.measure`` times the files interleaved (eager float32, ONNX Runtime float32,
+the int8 files) and scores each on val.
 
     python benchmarks/int8_backends.py --weights runs/peers/seglab-lite0_10min/train/weights/best.pt
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--limit", type=int, help="score only the first N val images")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--qat-epochs", type=int, default=2, help="0: no QAT row")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_backends.json"))
     args = parser.parse_args()
 
@@ -44,10 +47,15 @@ def main() -> None:
     shutil.copy(args.weights, weights)
     seconds = {}
     files = {"float32 (PyTorch eager)": weights}
-    for backend, name in (("onnxruntime", "int8 (ONNX Runtime)"), ("pytorch", "int8 (PyTorch PT2E, Inductor)")):
+    paths = [("onnxruntime", False, "int8 (ONNX Runtime)"), ("pytorch", False, "int8 (PyTorch PT2E, Inductor)")]
+    if args.qat_epochs:
+        paths.append(("pytorch", True, "int8 (PyTorch PT2E after QAT, Inductor)"))
+    for backend, qat, name in paths:
         start = time.perf_counter()
-        result = quantize(weights, backend=backend, data=args.data, calib=args.calib, report=False)
-        seconds[backend] = round(time.perf_counter() - start, 1)
+        result = quantize(
+            weights, backend=backend, data=args.data, calib=args.calib, report=False, qat=qat, epochs=args.qat_epochs
+        )
+        seconds[name] = round(time.perf_counter() - start, 1)
         if backend == "onnxruntime":
             files["float32 (ONNX Runtime)"] = result.float_model
         files[name] = result.int8_model
@@ -58,6 +66,7 @@ def main() -> None:
         args.out,
         weights=args.weights,
         calib=args.calib,
+        qat_epochs=args.qat_epochs,
         limit=args.limit,
         quantize_seconds=seconds,
         rows=[asdict(r) for r in rows],

@@ -206,3 +206,13 @@ def test_missing_weights_and_segnet_are_one_line_exit_2(make_checkpoint, tmp_pat
     assert main(["prune", "--weights", str(segnet), "--data", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "segnet cannot be pruned" in err[0], err
+
+
+def test_the_fine_tune_runs_its_epochs_not_the_training_runs_time_budget(make_checkpoint):
+    from seglab.deploy.prune import finetune_config
+    from seglab.engine.checkpoint import card_from_dict
+
+    ckpt = torch.load(make_checkpoint("fcn"), weights_only=True)
+    ckpt["config"] = {"data": "camvid", "time": 10.0, "epochs": 40, "resume": "runs/train/exp/weights/last.pt"}
+    cfg = finetune_config(ckpt, card_from_dict(ckpt["card"], "best.pt"), epochs=3)
+    assert cfg.time is None and cfg.epochs == 3 and cfg.resume is None

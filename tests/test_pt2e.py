@@ -67,3 +67,54 @@ def test_pt2e_errors_are_one_line(make_checkpoint, tmp_path, shared_data):
         "checkpoint",
     )
     assert not list(tmp_path.glob("*.pt2"))
+
+
+@pytest.fixture
+def small_camvid(tmp_path, shared_data):
+    """CamVid's layout with its first 12 train and 4 val images (the folders linked, the lists cut)."""
+    root = tmp_path / "camvid_small"
+    root.mkdir()
+    for folder in ("train", "trainannot", "val", "valannot"):
+        (root / folder).symlink_to(shared_data / "camvid" / folder)
+    for split, count in (("train", 12), ("val", 4)):
+        lines = (shared_data / "camvid" / f"{split}.txt").read_text().splitlines()[:count]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_qat_trains_in_the_trainer_and_writes_an_int8_graph(make_checkpoint, small_camvid, tmp_path, monkeypatch):
+    import torch
+
+    from seglab.engine.checkpoint import load_checkpoint, load_model
+    from seglab.errors import SeglabError
+
+    monkeypatch.chdir(tmp_path)  # the run folder goes under runs/qat/
+    weights = make_checkpoint("lraspp", "efficientnet_lite0", img_size=96)
+    out = tmp_path / "m.qat.pt2"
+    quantize(weights, qat=True, backend="pytorch", epochs=1, lr=1e-3, data=small_camvid, out=out, report=False)
+
+    meta = read_metadata(out)
+    assert "quantisation-aware training" in meta["quantized"]["calibration"] and meta["input_shape"] == [1, 3, 72, 96]
+    assert QUANTIZE_OPS & graph_ops(out)
+
+    (run,) = (tmp_path / "runs" / "qat").iterdir()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("1,")  # one epoch trained and validated by the trainer
+    trained = load_checkpoint(run / "weights" / "best.pt")
+    assert trained["qat"] and any("activation_post_process" in k for k in trained["model"])  # fake quantisation
+    before = load_checkpoint(weights)["model"]["encoder.stages.0.conv_stem.weight"]
+    assert not torch.equal(trained["model"]["graph.encoder.stages.0.conv_stem.weight"], before)  # it learned
+    with pytest.raises(SeglabError, match="quantisation-aware training"):
+        load_model(run / "weights" / "best.pt")  # a fake-quantised graph, not a model
+
+    model = seglab.load(out, device="cpu")
+    image = np.asarray(Image.open(next((small_camvid / "val").glob("*.png"))).resize((96, 72)))
+    assert model.predict(image).mask.shape == image.shape[:2]
+
+
+def test_qat_errors_are_one_line(make_checkpoint, tmp_path):
+    weights = make_checkpoint("fcn")
+    onnxruntime = seglab_cli("quantize", "--weights", weights, "--qat", "--backend", "onnxruntime", cwd=tmp_path)
+    assert_user_error(onnxruntime, "--backend pytorch")
+    assert_user_error(seglab_cli("quantize", "--weights", weights, "--qat", "--epochs", "0", cwd=tmp_path), "--epochs")
+    assert not (tmp_path / "runs").exists()

@@ -180,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        default="onnxruntime",
         choices=["onnxruntime", "pytorch"],
-        help="onnxruntime (default: an int8 .onnx) or pytorch (PT2E with the x86 Inductor quantiser: an int8 .pt2)",
+        help="onnxruntime (default: an int8 .onnx) or pytorch (PT2E with the x86 Inductor quantiser: an int8 .pt2; "
+        "the default with --qat)",
     )
+    p.add_argument(
+        "--qat", action="store_true",
+        help="pytorch: quantisation-aware training on the model's own data and recipe instead of calibration",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=3, help="--qat: fine-tune epochs (default: 3)")
+    p.add_argument("--lr", type=float, help="--qat: learning rate (default: the training run's / 10)")
     p.add_argument("--data", help="calibration and evaluation data (default: the training data)")
     p.add_argument("--calib", type=int, default=64, help="calibration images from the train split (default: 64)")
     p.add_argument(
@@ -668,7 +674,10 @@ def _quantize(args: argparse.Namespace) -> int:
 
     quantize(
         args.weights,
-        backend=args.backend,
+        backend=args.backend or ("pytorch" if args.qat else "onnxruntime"),
+        qat=args.qat,
+        epochs=args.epochs,
+        lr=args.lr,
         data=args.data,
         calib=args.calib,
         method=args.method,

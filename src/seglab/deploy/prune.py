@@ -134,9 +134,10 @@ def prune(
     return PruneResult(model, input_size, int(macs_before), int(macs), int(params_before), int(params), done)
 
 
-def finetune_config(ckpt: dict[str, Any], card: ModelCard, **overrides: Any) -> TrainConfig:
+def finetune_config(ckpt: dict[str, Any], card: ModelCard, command: str = "prune", **overrides: Any) -> TrainConfig:
     """The checkpoint's own training config (data, crop, augmentation, loss, optimiser, ...) for a
-    short fine-tune: a fresh run (no resume) with a short warm-up, ``overrides`` on top (None: keep)."""
+    short fine-tune: a fresh run (no resume, no --time: the epochs are the fine-tune's) with a short
+    warm-up, ``overrides`` on top (None: keep)."""
     values: dict[str, Any] = dict(ckpt.get("config") or {})
     values.update(  # what the card says wins: a checkpoint without a config still describes its model
         model=card.arch,
@@ -147,10 +148,11 @@ def finetune_config(ckpt: dict[str, Any], card: ModelCard, **overrides: Any) -> 
         encoder_weights=None,  # the weights come from the checkpoint
         warmup_epochs=FINETUNE_WARMUP,
         resume=None,
+        time=None,
         save_period=0,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = build_config(TrainConfig, values, "prune")
+    cfg = build_config(TrainConfig, values, command)
     validate(cfg)
     return cfg
 

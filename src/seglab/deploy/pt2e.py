@@ -16,15 +16,20 @@ registers itself), so writing and loading these files needs the ``int8`` extra.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from seglab.errors import SeglabError
+
+if TYPE_CHECKING:
+    from seglab.models.base import SegmentationModel
 
 # Every int8 graph is checked against the float model it came from, on real images. This catches a
 # broken graph (it agrees on a tenth to a third of the pixels), not a small loss, which the report's
@@ -72,13 +77,15 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def quantizer(graph: torch.fx.GraphModule):
-    """The x86 Inductor quantiser with its default config, except for the convolutions that produce
-    the logits, which stay float32 (as in ``seglab.deploy.quantize``: rounding logits flips the argmax
-    wherever two classes are close, which is along every boundary, and they are a sliver of the compute)."""
+def quantizer(graph: torch.fx.GraphModule, qat: bool = False):
+    """The x86 Inductor quantiser with its default config (its fake-quantising one for ``qat``), except
+    for the convolutions that produce the logits, which stay float32 (as in ``seglab.deploy.quantize``:
+    rounding logits flips the argmax wherever two classes are close, which is along every boundary, and
+    they are a sliver of the compute)."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=qat)
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
     for name in _classifier_convs(graph):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
@@ -115,6 +122,51 @@ def post_training_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
         return torch.export.export(_without_unused_tensors(convert_pt2e(prepared)), (example,))
 
 
+class QATModel(nn.Module):
+    """A float model captured for quantisation-aware training: ``torch.export`` in training mode at
+    the training crop with any batch size, and fake quantisation (``prepare_qat_pt2e``) where the x86
+    quantiser puts int8, so the weights learn to live with the rounding. It trains in seglab's own
+    trainer like any model: ``train()``/``eval()`` switch its BatchNorm and dropout through torchao
+    (an exported graph has no modules to switch), and images of another size are letterboxed to the
+    crop as the saved int8 graph will letterbox them (``run_fixed``). ``int8()`` is the finished graph."""
+
+    def __init__(self, model: SegmentationModel, crop: tuple[int, int]) -> None:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        super().__init__()
+        self.mean, self.std, self.num_classes = model.mean, model.std, model.num_classes
+        self.encoder_name = model.encoder_name
+        self.channels, self.crop = model.in_channels, crop
+        self.shape = ("batch", self.channels, *crop)  # as run_fixed reads it: any batch, a fixed size
+        example = torch.zeros(2, self.channels, *crop)
+        batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+        graph = torch.export.export(model.train(), (example,), dynamic_shapes=batch).module()
+        self.graph = prepare_qat_pt2e(graph, quantizer(graph, qat=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from seglab.deploy.runtime import run_fixed
+
+        return run_fixed(self.graph, x, self.shape)
+
+    def train(self, mode: bool = True) -> QATModel:
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+        self.training = mode
+        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+        return self
+
+    def int8(self) -> torch.export.ExportedProgram:
+        """The int8 program of the trained graph, for one image: ``convert_pt2e``'s quantize/dequantize
+        pairs where the fake quantisation was, its BatchNorms folded into the convolutions."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        self.eval()
+        example = torch.zeros(1, self.channels, *self.crop)
+        with torch.no_grad():
+            int8 = convert_pt2e(copy.deepcopy(self.graph))  # in place: the graph stays as trained
+            return torch.export.export(_without_unused_tensors(int8), (example,))
+
+
 def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``convert_pt2e`` leaves each float weight it replaced with an int8 copy on the module, and
     ``torch.export`` would save them all (on the Lite0 model: 11.6 MB of float32 beside 2.9 MB of int8)."""
@@ -126,13 +178,14 @@ def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule
     return graph
 
 
-def quantized_metadata(calib: int) -> dict[str, str]:
+def quantized_metadata(calib: int = 0, qat_epochs: int = 0) -> dict[str, str]:
+    ranges = f"learned in {qat_epochs} epoch(s) of quantisation-aware training" if qat_epochs else None
     return {
         "backend": "pytorch",
         "weights": "int8 per channel",
         "activations": "uint8 per tensor",
         "format": "pt2e (X86InductorQuantizer)",
-        "calibration": f"observed on {calib} train images",
+        "calibration": ranges or f"observed on {calib} train images",
     }
 
 

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 BACKENDS = ("onnxruntime", "pytorch")
 SUFFIX = {"onnxruntime": ".onnx", "pytorch": ".pt2"}
 METHODS = ("minmax", "entropy", "percentile")
+QAT_EPOCHS = 3
+QAT_LR_SCALE = 0.1  # QAT fine-tune lr = the training run's x this (a trained model, nudged to live with int8)
 QUANT_FORMATS = ("qdq", "qoperator")
 
 
@@ -65,13 +67,26 @@ def quantize(
     limit: int | None = None,
     data_cache: str | Path | None = None,
     img_size: Sequence[int] | None = None,
+    qat: bool = False,
+    epochs: int = QAT_EPOCHS,
+    lr: float | None = None,
     trust: bool = False,
     log=print,
 ) -> QuantizeResult:
     """Quantise a checkpoint to int8: with ONNX Runtime (the checkpoint exported to ONNX first, or a
     float ONNX export) or with PyTorch's PT2E (``seglab.deploy.pt2e``; a checkpoint, captured at
     ``img_size`` H, W, default the training crop); ``trust`` as in ``export``. ``method`` and
-    ``quant_format`` are ONNX Runtime's (default minmax, qdq)."""
+    ``quant_format`` are ONNX Runtime's (default minmax, qdq).
+
+    ``qat`` (PT2E only): instead of calibrating, fine-tune the model for ``epochs`` with fake
+    quantisation on its own training data and recipe (``seglab.engine.trainer``, a run folder under
+    runs/qat/; ``lr`` default the training run's x ``QAT_LR_SCALE``), then convert its best epoch."""
+    if qat and backend != "pytorch":
+        raise SeglabError(
+            "quantize: --qat is PyTorch's quantisation-aware training (PT2E); use it with --backend pytorch"
+        )
+    if qat and (epochs < 1 or (lr is not None and lr <= 0)):
+        raise SeglabError(f"quantize: --qat needs --epochs 1 or more and a positive --lr (got {epochs}, {lr})")
     if backend not in BACKENDS:
         raise SeglabError(f"quantize: --backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "pytorch" and (method or quant_format):
@@ -97,14 +112,15 @@ def quantize(
             "and RoIAlign would have to stay float; use its float32 export: seglab export --format onnx"
         )
     suffix = SUFFIX[backend]
-    out = Path(out) if out else weights.with_name(f"{weights.stem}.int8{suffix}")
+    out = Path(out) if out else weights.with_name(f"{weights.stem}.{'qat-' if qat else ''}int8{suffix}")
     if out.suffix != suffix:
         raise SeglabError(f"quantize: --out {out}: a {backend} int8 model is a {suffix} file; end the name in {suffix}")
 
     with DeferredSignals() as signals:  # see seglab.deploy.export: SIGINT/SIGTERM stop at safe points
         if backend == "pytorch":
+            training = (epochs, lr) if qat else None
             float_model, data = _quantize_pytorch(
-                weights, out, data, calib, data_cache, img_size, trust, signals.check, log
+                weights, out, data, calib, data_cache, img_size, training, trust, signals.check, log
             )
         else:
             float_model, data = _quantize_onnxruntime(
@@ -116,8 +132,9 @@ def quantize(
     rows: list[Measurement] = []
     report_path = None
     if report:
+        pt2e = f"int8 (PyTorch PT2E{', QAT' if qat else ''}, Inductor)"
         names = {"onnxruntime": ("float32 (ONNX Runtime)", "int8 (ONNX Runtime)"),
-                 "pytorch": ("float32 (PyTorch eager)", "int8 (PyTorch PT2E, Inductor)")}[backend]  # fmt: skip
+                 "pytorch": ("float32 (PyTorch eager)", pt2e)}[backend]  # fmt: skip
         models = dict(zip(names, (float_model, out), strict=True))
         rows = measure(models, data, limit=limit, data_cache=data_cache, log=log)
         report_path = write_report(rows, out.with_name(f"{out.stem}_report"), f"int8 quantisation of {weights.name}")
@@ -161,10 +178,11 @@ def _quantize_onnxruntime(
 
 
 def _quantize_pytorch(
-    weights: Path, out: Path, data, calib: int, data_cache, img_size, trust: bool, check, log
+    weights: Path, out: Path, data, calib: int, data_cache, img_size, training, trust: bool, check, log
 ) -> tuple[Path, str | Path]:
-    """PT2E post-training int8 of the checkpoint at its training crop, checked against it on real
-    images before it is renamed into place; returns (the checkpoint, the data)."""
+    """PT2E int8 of the checkpoint at its training crop, calibrated (post-training) or, with
+    ``training`` = (epochs, lr), fine-tuned with fake quantisation; checked against the float model
+    on real images before it is renamed into place. Returns (the checkpoint, the data)."""
     from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images, save_program
     from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao
     from seglab.engine.checkpoint import load_model
@@ -175,27 +193,69 @@ def _quantize_pytorch(
     model, card, ckpt = load_model(weights, trust=trust)
     data = _calibration_data(data or (ckpt.get("config") or {}).get("data"))
     h, w = input_size(card, img_size)
-    log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
-    images = list(_calibration(card, data, calib, (h, w), data_cache, check))
+    if training is None:
+        log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
+        images = list(_calibration(card, data, calib, (h, w), data_cache, check))
+        quantized = quantized_metadata(calib=len(images))
+    else:
+        epochs, lr = training
+        qat_model = _train_qat(model, card, ckpt, weights, data, (h, w), epochs, lr, log)
+        quantized = quantized_metadata(qat_epochs=epochs)
     meta = export_metadata(
-        card, ckpt, weights, "torch-export", input_shape=[1, card.in_channels, h, w], **SEMANTIC_IO,
-        quantized=quantized_metadata(len(images)),
+        card, ckpt, weights, "torch-export", input_shape=[1, card.in_channels, h, w], **SEMANTIC_IO, quantized=quantized
     )  # fmt: skip
     with atomic_path(out) as tmp:
-        save_program(post_training_int8(model, torch.from_numpy(images[0]), images, check), tmp, meta)
+        if training is None:
+            program = post_training_int8(model, torch.from_numpy(images[0]), images, check)
+            reference, against = model, "the float model"
+        else:
+            log("quantize: converting the trained graph to int8 (convert_pt2e)")
+            program = qat_model.int8()
+            reference, against = qat_model, "the trained fake-quantised graph"  # the model has learned on since
+        save_program(program, tmp, meta)
         check()
-        log("quantize: compiling the int8 graph (Inductor) to check it against the float model")
+        log(f"quantize: compiling the int8 graph (Inductor) to check it against {against}")
         checked, source = parity_images(card, ckpt, data, 8, (h, w))
-        parity = check_parity(model, card, tmp, checked, batch=1, half=False, source=source)
-        log(f"quantize: argmax agreement with float32 on {parity.images} {source}: {100 * parity.agreement:.2f}%")
+        parity = check_parity(reference, card, tmp, checked, batch=1, half=False, source=source)
+        log(f"quantize: argmax agreement with {against} on {parity.images} {source}: {100 * parity.agreement:.2f}%")
         if parity.agreement < MIN_AGREEMENT:
             raise SeglabError(
-                f"quantize: the int8 graph agrees with the float model on only {100 * parity.agreement:.1f}% of pixels "
+                f"quantize: the int8 graph agrees with {against} on only {100 * parity.agreement:.1f}% of pixels "
                 f"(at least {100 * MIN_AGREEMENT:.0f}% expected); nothing was written to {out}. "
                 "Try --backend onnxruntime, or more --calib images"
             )
         check()  # the last point to stop at
     return weights, data
+
+
+def _train_qat(model, card: ModelCard, ckpt: dict, weights: Path, data, crop, epochs: int, lr: float | None, log):
+    """Quantisation-aware fine-tuning of ``model`` in seglab's trainer, in float32 (fake quantisation
+    under bfloat16 autocast would round twice), without weight averaging (the average of fake-quantised
+    weights is not what was trained); returns the graph with its best epoch's weights, on the CPU."""
+    from seglab.deploy.prune import finetune_config
+    from seglab.deploy.pt2e import QATModel
+    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.runs import next_run_dir
+    from seglab.engine.trainer import Trainer
+    from seglab.semantic.task import SemanticTask
+
+    trained = ckpt.get("config") or {}
+    run_dir = next_run_dir("runs/qat", trained.get("name") or weights.parent.parent.name or "exp", exist_ok=False)
+    lr = lr or float(trained.get("lr", 1e-3)) * QAT_LR_SCALE
+    cfg = finetune_config(
+        ckpt, card, "quantize --qat", data=str(data), epochs=epochs, lr=lr, amp=False, ema=False, swa=False,
+        out=str(run_dir.parent), name=run_dir.name, exist_ok=True,
+    )  # fmt: skip
+    log(f"quantize: exporting {weights} for quantisation-aware training at {crop[0]}x{crop[1]} (prepare_qat_pt2e)")
+    qat = QATModel(model, crop)
+    log(f"quantize: quantisation-aware training, {epochs} epoch(s) at lr {lr:g} on {data}, float32")
+    result = Trainer(cfg, SemanticTask, log=log, model=qat).fit()
+    if result["stopped"] is not None:
+        stopped = result["stopped"]
+        raise SeglabError(f"quantize: quantisation-aware training stopped by signal {stopped}; nothing written")
+    best = load_checkpoint(run_dir / "weights" / "best.pt")
+    qat.load_state_dict(best["model"])
+    return qat.cpu()
 
 
 def _calibration_data(data: str | Path | None) -> str | Path:

@@ -466,6 +466,11 @@ def build_from(card: ModelCard, ckpt: dict[str, Any], source: str | Path) -> nn.
     """The (untrained) model of a checkpoint: its card's architecture, narrowed to its recorded
     layer widths when it was pruned. A pickled module (older pruned files) is used only when the
     file was loaded with ``trust``."""
+    if ckpt.get("qat"):
+        raise SeglabError(
+            f"{source} is a checkpoint of quantisation-aware training (seglab quantize --qat): a fake-quantised "
+            "graph, not a model; use the int8 .pt2 that command wrote, or the checkpoint it started from"
+        )
     if "module" in ckpt:
         if not isinstance(ckpt["module"], nn.Module):
             raise SeglabError(f"{source}: its 'module' entry is not a model; re-save the weights")

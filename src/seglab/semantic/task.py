@@ -121,10 +121,15 @@ class SemanticTask(Task):
 
     def setup(self, checkpoint: dict[str, Any] | None, model: nn.Module | None) -> None:
         cfg = self.cfg
-        if model is None and checkpoint is not None and ("layers" in checkpoint or "module" in checkpoint):
+        if model is None and checkpoint is not None and {"layers", "module", "qat"} & checkpoint.keys():
             # resuming the fine-tune of a pruned model: the recipe narrowed to the saved layer widths
             model = build_from(card_from_dict(checkpoint["card"], cfg.resume or ""), checkpoint, cfg.resume or "")
-        self.pruned = model is not None  # card.build() alone cannot rebuild it: save its layer widths too
+        from seglab.deploy.pt2e import QATModel
+
+        # a model given to train on: pruned (card.build() alone cannot rebuild it: save its layer widths
+        # too) or a quantisation-aware graph (its checkpoints say so: only seglab quantize reads them)
+        self.qat = isinstance(model, QATModel)
+        self.pruned = model is not None and not self.qat
 
         # ---- data
         self.train_set: Any
@@ -333,7 +338,7 @@ class SemanticTask(Task):
         return f"done; best val mIoU {100 * best:.2f}; weights in {weights}"
 
     def payload(self, model: nn.Module) -> dict[str, Any]:
-        return make_payload(model, self.card, pruned=self.pruned)
+        return make_payload(model, self.card, pruned=self.pruned, **({"qat": True} if self.qat else {}))
 
     def state(self) -> dict[str, Any]:
         return {"fp32_layers": self.fp32_layers}
