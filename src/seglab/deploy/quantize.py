@@ -181,8 +181,9 @@ def _quantize_pytorch(
     weights: Path, out: Path, data, calib: int, data_cache, img_size, training, trust: bool, check, log
 ) -> tuple[Path, str | Path]:
     """PT2E int8 of the checkpoint at its training crop, calibrated (post-training) or, with
-    ``training`` = (epochs, lr), fine-tuned with fake quantisation; checked against the float model
-    on real images before it is renamed into place. Returns (the checkpoint, the data)."""
+    ``training`` = (epochs, lr), fine-tuned with fake quantisation; checked on real images against the
+    float model (or the fake-quantised graph it was trained as) before it is renamed
+    into place. Returns (the checkpoint, the data)."""
     from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images, save_program
     from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao
     from seglab.engine.checkpoint import load_model
@@ -197,21 +198,19 @@ def _quantize_pytorch(
         log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
         images = list(_calibration(card, data, calib, (h, w), data_cache, check))
         quantized = quantized_metadata(calib=len(images))
+        program = post_training_int8(model, torch.from_numpy(images[0]), images, check)
+        reference, against = model, "the float model"
     else:
         epochs, lr = training
         qat_model = _train_qat(model, card, ckpt, weights, data, (h, w), epochs, lr, log)
         quantized = quantized_metadata(qat_epochs=epochs)
+        log("quantize: converting the trained graph to int8 (convert_pt2e)")
+        program = qat_model.int8()
+        reference, against = qat_model, "the trained fake-quantised graph"  # the model has learned on since
     meta = export_metadata(
         card, ckpt, weights, "torch-export", input_shape=[1, card.in_channels, h, w], **SEMANTIC_IO, quantized=quantized
     )  # fmt: skip
     with atomic_path(out) as tmp:
-        if training is None:
-            program = post_training_int8(model, torch.from_numpy(images[0]), images, check)
-            reference, against = model, "the float model"
-        else:
-            log("quantize: converting the trained graph to int8 (convert_pt2e)")
-            program = qat_model.int8()
-            reference, against = qat_model, "the trained fake-quantised graph"  # the model has learned on since
         save_program(program, tmp, meta)
         check()
         log(f"quantize: compiling the int8 graph (Inductor) to check it against {against}")
