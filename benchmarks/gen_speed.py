@@ -20,9 +20,9 @@ from common import write_result
 
 from seglab.engine.distributed import DistInfo
 from seglab.engine.schedule import Plan
+from seglab.gen.config import GenConfig
 from seglab.gen.models import GenCard, build_discriminator, init_weights
 from seglab.gen.task import GenTask
-from seglab.gen.trainer import GenConfig
 
 ROWS = {
     "baseline: D width 64, float32": (64, False),

@@ -255,6 +255,22 @@ def test_wrong_flag_type(tmp_path, shapes):
     assert_user_error(seglab("train", "--data", shapes, "--epochs", "many", cwd=tmp_path), "--epochs", "many")
 
 
+def test_help_and_flag_errors_do_not_wait_for_torch():
+    # Building the parser (every command's flags, gen's included) and failing on a flag must not
+    # import torch: it costs seconds on every `--help` and every typo.
+    code = (
+        "import sys\n"
+        "from seglab.cli import main\n"
+        "assert main(['gen', 'train', '--epochs', 'many']) == 2\n"
+        "assert main(['train', '--epoch', '3']) == 2\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'albumentations') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("seglab: error:") == 2, proc.stderr
+
+
 def test_unknown_config_key_suggests(tmp_path, shapes):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"data: {shapes}\nlearning_rate: 0.1\n")

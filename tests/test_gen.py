@@ -16,12 +16,12 @@ from PIL import Image
 from seglab.cli import main
 from seglab.data import get_split, read_mask, resolve_dataset
 from seglab.engine.trainer import Trainer
+from seglab.gen.config import GenConfig
 from seglab.gen.data import PairDataset, generation_size, read_label_map, to_uint8
 from seglab.gen.evaluate import feature_distances, segmentation_scores
 from seglab.gen.models import GEN_MODELS, SPADE, GenCard, build_discriminator, init_weights, one_hot
 from seglab.gen.sample import Generator, paste_rare
 from seglab.gen.task import GenTask
-from seglab.gen.trainer import GenConfig
 
 TRAIN = ["--img-size", "64", "--batch", "2", "--limit", "4", "--width", "8", "--disc-width", "8", "--no-amp"]
 

@@ -16,10 +16,11 @@ from PIL import Image
 from seglab.cli import main
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.trainer import Trainer
+from seglab.gen.config import GenConfig
 from seglab.gen.models import GenCard, build_discriminator
 from seglab.gen.stylegan import StyleGAN2Generator, minibatch_stddev, modulated_conv2d
 from seglab.gen.task import GenTask
-from seglab.gen.trainer import GenConfig, train_generator
+from seglab.gen.trainer import train_generator
 
 TINY = dict(img_size=32, width=8, disc_width=8, z_dim=16, batch=2, limit=4)  # CamVid at 24x32, 2 steps an epoch
 

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_gen_commands(p: argparse.ArgumentParser) -> None:
-    from seglab.gen.trainer import GenConfig
+    from seglab.gen.config import GenConfig
 
     sub = p.add_subparsers(dest="gen_command", metavar="ACTION", parser_class=_Parser)
 
@@ -723,7 +723,7 @@ def _gen(args: argparse.Namespace) -> int:
     if args.gen_command is None:
         raise SeglabError("gen: choose an action: seglab gen train | sample | augment | eval (see seglab gen --help)")
     if args.gen_command == "train":
-        from seglab.gen.trainer import GenConfig, train_generator
+        from seglab.gen import GenConfig, train_generator
 
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenConfig)}
         run = train_generator(args.config, **overrides)
