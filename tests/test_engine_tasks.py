@@ -68,7 +68,9 @@ def assert_same(a: Path, b: Path) -> None:
             assert torch.equal(value, wb[net][key]), (net, key)
 
 
-@pytest.mark.parametrize("task", ["instance", "generate"])
+# Mask R-CNN's five runs take minutes (-m slow runs them); the generator's go through the same engine
+# checkpoint and resume code, as test_faults.py's semantic runs do.
+@pytest.mark.parametrize("task", [pytest.param("instance", marks=pytest.mark.slow), "generate"])
 def test_stop_kill_and_resume_end_where_an_uninterrupted_run_ends(tmp_path, data, task):
     resume = ["train"] if task == "instance" else ["gen", "train"]
     runs = tmp_path / RUNS[task]
