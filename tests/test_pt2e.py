@@ -118,3 +118,51 @@ def test_qat_errors_are_one_line(make_checkpoint, tmp_path):
     assert_user_error(onnxruntime, "--backend pytorch")
     assert_user_error(seglab_cli("quantize", "--weights", weights, "--qat", "--epochs", "0", cwd=tmp_path), "--epochs")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # three exports of the graph and two trainer runs: about three minutes
+def test_a_stopped_qat_continues_from_its_last_pt(make_checkpoint, small_camvid, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    weights = make_checkpoint("lraspp", "efficientnet_lite0", img_size=96)
+    out = tmp_path / "m.qat.pt2"
+    args = ["quantize", "--weights", str(weights), "--qat", "--epochs", "2", "--lr", "1e-3", "--data",
+            str(small_camvid), "--out", str(out), "--no-report"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "seglab", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "run folder" in line:
+            proc.send_signal(signal.SIGTERM)  # saved after the step it lands in
+            break
+    output = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert not out.exists() and "nothing written" in output
+    # the stop line names the command that continues it: quantize with the same weights, not train
+    hint = re.search(r"continue with: seglab (quantize --weights \S+ --qat --resume (\S+last\.pt))", output)
+    assert hint is not None, output[-3000:]
+    last_pt = tmp_path / hint.group(2)
+    last = torch.load(last_pt, weights_only=True)
+    assert last["qat"] and (last["epoch"], last["batch_in_epoch"]) < (2, 0)
+
+    resumed = subprocess.run([sys.executable, "-m", "seglab", *hint.group(1).split(), "--out", str(out),
+                              "--no-report"], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resume: continuing" in resumed.stdout
+    rows = (last_pt.parents[1] / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # the run's own 2 epochs, each once
+    assert QUANTIZE_OPS & graph_ops(out) and "2 epoch" in read_metadata(out)["quantized"]["calibration"]
+
+    # --resume is QAT's, and only a QAT run's last.pt is taken
+    assert_user_error(seglab_cli("quantize", "--weights", weights, "--resume", last_pt, cwd=tmp_path), "--qat")
+    assert_user_error(seglab_cli("quantize", "--weights", weights, "--qat", "--resume", weights, cwd=tmp_path),
+                      weights.name)  # fmt: skip

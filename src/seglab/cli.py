@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--epochs", type=int, default=3, help="--qat: fine-tune epochs (default: 3)")
     p.add_argument("--lr", type=float, help="--qat: learning rate (default: the training run's / 10)")
+    p.add_argument(
+        "--resume", metavar="FILE",
+        help="--qat: continue a stopped quantisation-aware training from its runs/qat/<name>/weights/last.pt",
+    )  # fmt: skip
     p.add_argument("--data", help="calibration and evaluation data (default: the training data)")
     p.add_argument("--calib", type=int, default=64, help="calibration images from the train split (default: 64)")
     p.add_argument(
@@ -678,6 +682,7 @@ def _quantize(args: argparse.Namespace) -> int:
         qat=args.qat,
         epochs=args.epochs,
         lr=args.lr,
+        resume=args.resume,
         data=args.data,
         calib=args.calib,
         method=args.method,

@@ -20,6 +20,7 @@ import copy
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -130,10 +131,11 @@ class QATModel(nn.Module):
     (an exported graph has no modules to switch), and images of another size are letterboxed to the
     crop as the saved int8 graph will letterbox them (``run_fixed``). ``int8()`` is the finished graph."""
 
-    def __init__(self, model: SegmentationModel, crop: tuple[int, int]) -> None:
+    def __init__(self, model: SegmentationModel, crop: tuple[int, int], source: str | Path = "") -> None:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
         super().__init__()
+        self.source = source  # the float checkpoint, for the messages (seglab quantize --weights)
         self.mean, self.std, self.num_classes = model.mean, model.std, model.num_classes
         self.encoder_name = model.encoder_name
         self.channels, self.crop = model.in_channels, crop

@@ -30,13 +30,15 @@ import torch
 from seglab.deploy.report import Measurement, format_report, measure, write_report
 from seglab.deploy.runtime import METADATA_KEY, exported_format, read_metadata, weights_task
 from seglab.engine.checkpoint import ModelCard, card_from_dict
-from seglab.engine.stopping import DeferredSignals
+from seglab.engine.stopping import DeferredSignals, Interrupted
 from seglab.errors import SeglabError
 from seglab.files import atomic_path, remove_stale_temporaries, temporary
 from seglab.instance.models import TASK_DETECTORS
 
 if TYPE_CHECKING:
     import onnx
+
+    from seglab.deploy.pt2e import QATModel
 
 BACKENDS = ("onnxruntime", "pytorch")
 SUFFIX = {"onnxruntime": ".onnx", "pytorch": ".pt2"}
@@ -70,6 +72,7 @@ def quantize(
     qat: bool = False,
     epochs: int = QAT_EPOCHS,
     lr: float | None = None,
+    resume: str | Path | None = None,
     trust: bool = False,
     log=print,
 ) -> QuantizeResult:
@@ -80,11 +83,14 @@ def quantize(
 
     ``qat`` (PT2E only): instead of calibrating, fine-tune the model for ``epochs`` with fake
     quantisation on its own training data and recipe (``seglab.engine.trainer``, a run folder under
-    runs/qat/; ``lr`` default the training run's x ``QAT_LR_SCALE``), then convert its best epoch."""
+    runs/qat/; ``lr`` default the training run's x ``QAT_LR_SCALE``), then convert its best epoch.
+    ``resume``: that run's ``weights/last.pt``, to continue a stopped fine-tune with its own settings."""
     if qat and backend != "pytorch":
         raise SeglabError(
             "quantize: --qat is PyTorch's quantisation-aware training (PT2E); use it with --backend pytorch"
         )
+    if resume is not None and not qat:
+        raise SeglabError("quantize: --resume continues a quantisation-aware training run; add --qat")
     if qat and (epochs < 1 or (lr is not None and lr <= 0)):
         raise SeglabError(f"quantize: --qat needs --epochs 1 or more and a positive --lr (got {epochs}, {lr})")
     if backend not in BACKENDS:
@@ -118,7 +124,7 @@ def quantize(
 
     with DeferredSignals() as signals:  # see seglab.deploy.export: SIGINT/SIGTERM stop at safe points
         if backend == "pytorch":
-            training = (epochs, lr) if qat else None
+            training = (epochs, lr, resume) if qat else None
             float_model, data = _quantize_pytorch(
                 weights, out, data, calib, data_cache, img_size, training, trust, signals.check, log
             )
@@ -178,21 +184,38 @@ def _quantize_onnxruntime(
 
 
 def _quantize_pytorch(
-    weights: Path, out: Path, data, calib: int, data_cache, img_size, training, trust: bool, check, log
+    weights: Path,
+    out: Path,
+    data,
+    calib: int,
+    data_cache,
+    img_size,
+    training: tuple[int, float | None, str | Path | None] | None,
+    trust: bool,
+    check,
+    log,
 ) -> tuple[Path, str | Path]:
     """PT2E int8 of the checkpoint at its training crop, calibrated (post-training) or, with
-    ``training`` = (epochs, lr), fine-tuned with fake quantisation; checked on real images against the
-    float model (or the fake-quantised graph it was trained as) before it is renamed
-    into place. Returns (the checkpoint, the data)."""
+    ``training`` = (epochs, lr, a stopped run's last.pt or None), fine-tuned with fake quantisation;
+    checked on real images against the float model (or the fake-quantised graph it was trained as)
+    before it is renamed into place. Returns (the checkpoint, the data)."""
     from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images, save_program
     from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao
-    from seglab.engine.checkpoint import load_model
+    from seglab.engine.checkpoint import load_checkpoint, load_model
 
     if exported_format(weights) is not None:
         raise SeglabError(f"quantize: --backend pytorch quantises a checkpoint; give the .pt that {weights} came from")
     require_torchao("quantize --backend pytorch")
     model, card, ckpt = load_model(weights, trust=trust)
-    data = _calibration_data(data or (ckpt.get("config") or {}).get("data"))
+    trained_on = ckpt
+    if training is not None and training[2] is not None:  # resuming: the stopped run says what it trains on
+        trained_on = load_checkpoint(training[2], trust=trust)
+        if not trained_on.get("qat"):
+            raise SeglabError(
+                f"quantize: --resume {training[2]} is not from a quantisation-aware training run; give the "
+                "runs/qat/<name>/weights/last.pt that a stopped seglab quantize --qat left"
+            )
+    data = _calibration_data(data or (trained_on.get("config") or {}).get("data"))
     h, w = input_size(card, img_size)
     if training is None:
         log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
@@ -201,8 +224,7 @@ def _quantize_pytorch(
         program = post_training_int8(model, torch.from_numpy(images[0]), images, check)
         reference, against = model, "the float model"
     else:
-        epochs, lr = training
-        qat_model = _train_qat(model, card, ckpt, weights, data, (h, w), epochs, lr, log)
+        qat_model, epochs = _train_qat(model, card, ckpt, weights, data, (h, w), *training, log)
         quantized = quantized_metadata(qat_epochs=epochs)
         log("quantize: converting the trained graph to int8 (convert_pt2e)")
         program = qat_model.int8()
@@ -227,34 +249,42 @@ def _quantize_pytorch(
     return weights, data
 
 
-def _train_qat(model, card: ModelCard, ckpt: dict, weights: Path, data, crop, epochs: int, lr: float | None, log):
+def _train_qat(
+    model, card: ModelCard, ckpt: dict, weights: Path, data, crop, epochs: int, lr: float | None, resume, log
+) -> tuple[QATModel, int]:
     """Quantisation-aware fine-tuning of ``model`` in seglab's trainer, in float32 (fake quantisation
     under bfloat16 autocast would round twice), without weight averaging (the average of fake-quantised
     weights is not what was trained); returns the graph with its best epoch's weights, on the CPU."""
+    from seglab.config import TrainConfig
     from seglab.deploy.prune import finetune_config
     from seglab.deploy.pt2e import QATModel
     from seglab.engine.checkpoint import load_checkpoint
     from seglab.engine.runs import next_run_dir
-    from seglab.engine.trainer import Trainer
+    from seglab.engine.trainer import Trainer, resume_config
     from seglab.semantic.task import SemanticTask
 
-    trained = ckpt.get("config") or {}
-    run_dir = next_run_dir("runs/qat", trained.get("name") or weights.parent.parent.name or "exp", exist_ok=False)
-    lr = lr or float(trained.get("lr", 1e-3)) * QAT_LR_SCALE
-    cfg = finetune_config(
-        ckpt, card, "quantize --qat", data=str(data), epochs=epochs, lr=lr, amp=False, ema=False, swa=False,
-        out=str(run_dir.parent), name=run_dir.name, exist_ok=True,
-    )  # fmt: skip
+    if resume is None:
+        trained = ckpt.get("config") or {}
+        run_dir = next_run_dir("runs/qat", trained.get("name") or weights.parent.parent.name or "exp", exist_ok=False)
+        lr = lr or float(trained.get("lr", 1e-3)) * QAT_LR_SCALE
+        cfg = finetune_config(
+            ckpt, card, "quantize --qat", data=str(data), epochs=epochs, lr=lr, amp=False, ema=False, swa=False,
+            out=str(run_dir.parent), name=run_dir.name, exist_ok=True,
+        )  # fmt: skip
+        last = None
+    else:  # the stopped run's own settings, state and folder
+        cfg, last = resume_config(TrainConfig, {"resume": str(resume)}, log=log)  # a QAT run's (checked)
+        run_dir, epochs, lr = Path(resume).parent.parent, cfg.epochs, cfg.lr
     log(f"quantize: exporting {weights} for quantisation-aware training at {crop[0]}x{crop[1]} (prepare_qat_pt2e)")
-    qat = QATModel(model, crop)
-    log(f"quantize: quantisation-aware training, {epochs} epoch(s) at lr {lr:g} on {data}, float32")
-    result = Trainer(cfg, SemanticTask, log=log, model=qat).fit()
-    if result["stopped"] is not None:
-        stopped = result["stopped"]
-        raise SeglabError(f"quantize: quantisation-aware training stopped by signal {stopped}; nothing written")
+    qat = QATModel(model, crop, source=weights)
+    log(f"quantize: quantisation-aware training, {epochs} epoch(s) at lr {lr:g} on {cfg.data}, float32")
+    result = Trainer(cfg, SemanticTask, log=log, checkpoint=last, model=qat).fit()
+    if result["stopped"] is not None:  # last.pt saved; the trainer has said how to continue
+        log("quantize: stopped before the int8 graph; nothing written")
+        raise Interrupted(result["stopped"])
     best = load_checkpoint(run_dir / "weights" / "best.pt")
     qat.load_state_dict(best["model"])
-    return qat.cpu()
+    return qat.cpu(), epochs
 
 
 def _calibration_data(data: str | Path | None) -> str | Path:

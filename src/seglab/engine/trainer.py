@@ -71,6 +71,11 @@ class Task:
     best = "best.pt"  # the file the shipped weights go to
     curves: ClassVar[dict[str, Any]] = {}  # plot_curves keywords (losses, scores, title)
 
+    @property
+    def resume_command(self) -> str:
+        """The command that continues a stopped run, given ``--resume last.pt``."""
+        return self.command
+
     @classmethod
     def build_model(cls, card: Any) -> nn.Module:
         """The untrained network a checkpoint's model card describes (its weights are loaded after)."""
@@ -397,7 +402,7 @@ class Trainer:
             except TrainingStopped as stop:
                 self.log(
                     f"{command}: stopped by signal {self.stop_signal} at epoch {stop.epoch + 1}, batch {stop.batch}; "
-                    f"continue with: seglab {command} --resume {self.run_dir / 'weights' / 'last.pt'}"
+                    f"continue with: seglab {self.task.resume_command} --resume {self.run_dir / 'weights' / 'last.pt'}"
                 )
                 return self.stop_signal
         return None

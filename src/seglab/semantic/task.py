@@ -337,6 +337,10 @@ class SemanticTask(Task):
     def done_line(self, best: float, weights: Path) -> str:
         return f"done; best val mIoU {100 * best:.2f}; weights in {weights}"
 
+    @property
+    def resume_command(self) -> str:
+        return f"quantize --weights {self.models['model'].source} --qat" if self.qat else self.command
+
     def payload(self, model: nn.Module) -> dict[str, Any]:
         return make_payload(model, self.card, pruned=self.pruned, **({"qat": True} if self.qat else {}))
 
