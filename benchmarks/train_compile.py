@@ -75,6 +75,7 @@ def run(model: nn.Module, net: nn.Module, data, ignore_index: int, warmup: int) 
         "step_s": statistics.median(steady),
         "images_per_s": BATCH * len(steady) / sum(steady),
         "loss": statistics.mean(losses[warmup:]),
+        "losses": losses,  # every step's, the warm-up's too: where a side goes non-finite
     }
 
 
