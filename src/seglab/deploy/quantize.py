@@ -38,6 +38,7 @@ from seglab.instance.models import TASK_DETECTORS
 if TYPE_CHECKING:
     import onnx
 
+    from seglab.config import TrainConfig
     from seglab.deploy.pt2e import QATModel
 
 BACKENDS = ("onnxruntime", "pytorch")
@@ -201,21 +202,15 @@ def _quantize_pytorch(
     before it is renamed into place. Returns (the checkpoint, the data)."""
     from seglab.deploy.export import SEMANTIC_IO, check_parity, export_metadata, input_size, parity_images, save_program
     from seglab.deploy.pt2e import MIN_AGREEMENT, post_training_int8, quantized_metadata, require_torchao
-    from seglab.engine.checkpoint import load_checkpoint, load_model
+    from seglab.engine.checkpoint import load_model
 
     if exported_format(weights) is not None:
         raise SeglabError(f"quantize: --backend pytorch quantises a checkpoint; give the .pt that {weights} came from")
     require_torchao("quantize --backend pytorch")
     model, card, ckpt = load_model(weights, trust=trust)
-    trained_on = ckpt
-    if training is not None and training[2] is not None:  # resuming: the stopped run says what it trains on
-        trained_on = load_checkpoint(training[2], trust=trust)
-        if not trained_on.get("qat"):
-            raise SeglabError(
-                f"quantize: --resume {training[2]} is not from a quantisation-aware training run; give the "
-                "runs/qat/<name>/weights/last.pt that a stopped seglab quantize --qat left"
-            )
-    data = _calibration_data(data or (trained_on.get("config") or {}).get("data"))
+    resumed = _stopped_qat_run(training[2], trust, log) if training and training[2] is not None else None
+    trained_on = resumed[0].data if resumed else (ckpt.get("config") or {}).get("data")
+    data = _calibration_data(data or trained_on)
     h, w = input_size(card, img_size)
     if training is None:
         log(f"quantize: calibrating on {calib} train images of {data} (PT2E, x86 Inductor quantiser, {h}x{w})")
@@ -224,7 +219,7 @@ def _quantize_pytorch(
         program = post_training_int8(model, torch.from_numpy(images[0]), images, check)
         reference, against = model, "the float model"
     else:
-        qat_model, epochs = _train_qat(model, card, ckpt, weights, data, (h, w), *training, log)
+        qat_model, epochs = _train_qat(model, card, ckpt, weights, data, (h, w), *training[:2], resumed, log)
         quantized = quantized_metadata(qat_epochs=epochs)
         log("quantize: converting the trained graph to int8 (convert_pt2e)")
         program = qat_model.int8()
@@ -249,21 +244,35 @@ def _quantize_pytorch(
     return weights, data
 
 
+def _stopped_qat_run(last: str | Path, trust: bool, log) -> tuple[TrainConfig, dict]:
+    """The config (its own settings) and checkpoint of the stopped QAT run that ``last`` continues."""
+    from seglab.config import TrainConfig
+    from seglab.engine.trainer import resume_config
+
+    cfg, ckpt = resume_config(TrainConfig, {"resume": str(last), "trust_weights": trust}, log=log)
+    if not ckpt.get("qat"):
+        raise SeglabError(
+            f"quantize: --resume {last} is not from a quantisation-aware training run; give the "
+            "runs/qat/<name>/weights/last.pt that a stopped seglab quantize --qat left"
+        )
+    return cfg, ckpt
+
+
 def _train_qat(
-    model, card: ModelCard, ckpt: dict, weights: Path, data, crop, epochs: int, lr: float | None, resume, log
+    model, card: ModelCard, ckpt: dict, weights: Path, data, crop, epochs: int, lr: float | None, resumed, log
 ) -> tuple[QATModel, int]:
     """Quantisation-aware fine-tuning of ``model`` in seglab's trainer, in float32 (fake quantisation
     under bfloat16 autocast would round twice), without weight averaging (the average of fake-quantised
-    weights is not what was trained); returns the graph with its best epoch's weights, on the CPU."""
-    from seglab.config import TrainConfig
+    weights is not what was trained); returns the graph with its best epoch's weights, on the CPU.
+    ``resumed``: (config, checkpoint) of a stopped run to continue, from ``_stopped_qat_run``."""
     from seglab.deploy.prune import finetune_config
     from seglab.deploy.pt2e import QATModel
     from seglab.engine.checkpoint import load_checkpoint
     from seglab.engine.runs import next_run_dir
-    from seglab.engine.trainer import Trainer, resume_config
+    from seglab.engine.trainer import Trainer
     from seglab.semantic.task import SemanticTask
 
-    if resume is None:
+    if resumed is None:
         trained = ckpt.get("config") or {}
         run_dir = next_run_dir("runs/qat", trained.get("name") or weights.parent.parent.name or "exp", exist_ok=False)
         lr = lr or float(trained.get("lr", 1e-3)) * QAT_LR_SCALE
@@ -273,8 +282,8 @@ def _train_qat(
         )  # fmt: skip
         last = None
     else:  # the stopped run's own settings, state and folder
-        cfg, last = resume_config(TrainConfig, {"resume": str(resume)}, log=log)  # a QAT run's (checked)
-        run_dir, epochs, lr = Path(resume).parent.parent, cfg.epochs, cfg.lr
+        cfg, last = resumed
+        run_dir, epochs, lr = Path(cfg.resume).parent.parent, cfg.epochs, cfg.lr
     log(f"quantize: exporting {weights} for quantisation-aware training at {crop[0]}x{crop[1]} (prepare_qat_pt2e)")
     qat = QATModel(model, crop, source=weights)
     log(f"quantize: quantisation-aware training, {epochs} epoch(s) at lr {lr:g} on {cfg.data}, float32")
